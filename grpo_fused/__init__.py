@@ -1,0 +1,36 @@
+"""grpo-fused: fused GRPO-family losses for LLM RL training.
+
+Quick use::
+
+    import grpo_fused as gf
+    cfg = gf.GRPOConfig(loss_type="dapo", epsilon_high=0.28, beta=0.04)
+    out = gf.grpo_loss(logits, completion_ids, advantages, completion_mask,
+                       old_logps=old, ref_logps=ref, config=cfg)
+    out.loss.backward()
+"""
+
+from .api import (
+    group_advantages,
+    grpo_loss,
+    linear_grpo_loss,
+    linear_log_softmax,
+    selective_log_softmax,
+)
+from .config import GRPOConfig
+from .modules import GRPOLoss, LinearGRPOLoss
+from .reference import GroupStats, GRPOOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRPOConfig",
+    "GRPOLoss",
+    "GRPOOutput",
+    "GroupStats",
+    "LinearGRPOLoss",
+    "group_advantages",
+    "grpo_loss",
+    "linear_grpo_loss",
+    "linear_log_softmax",
+    "selective_log_softmax",
+]

@@ -1,0 +1,64 @@
+"""Backend selection: ``backend="auto" | "triton" | "cpp" | "reference"``.
+
+Each backend is a module under ``grpo_fused.backends`` exposing ``availability(device)``
+(``None`` when usable, else the reason it is not) and the ops it implements, with the same
+normalized signatures as :mod:`grpo_fused.backends.reference`. An op a backend does not
+implement is simply absent from its module.
+
+``auto`` picks Triton for CUDA tensors and the C++ extension for CPU tensors; when that
+backend is not built (or lacks the op) it falls back to the reference with a one-time
+warning. Naming a backend explicitly never falls back: it raises instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+_warned = set()
+
+
+def _module(name: str):
+    return importlib.import_module(f"grpo_fused.backends.{name}")
+
+
+def _unavailable_reason(name: str, op: str, device: torch.device):
+    try:
+        module = _module(name)
+    except ImportError as exc:  # a backend whose dependencies are missing
+        return f"it could not be imported ({exc})"
+    reason = module.availability(device)
+    if reason is None and not hasattr(module, op):
+        reason = f"it does not implement {op} yet"
+    return reason
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` for ``backend`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return getattr(_module("reference"), op)
+    if backend != "auto":
+        reason = _unavailable_reason(backend, op, device)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run {op} on {device.type} tensors: {reason}")
+        return getattr(_module(backend), op)
+    preferred = "triton" if device.type == "cuda" else "cpp"
+    reason = _unavailable_reason(preferred, op, device)
+    if reason is None:
+        return getattr(_module(preferred), op)
+    key = (preferred, op)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"grpo_fused: the {preferred} backend cannot run {op} on {device.type} tensors ({reason}); "
+            "using the eager reference instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return getattr(_module("reference"), op)

@@ -1,0 +1,295 @@
+"""The functional API: validate, pick a backend, call it.
+
+Every function checks its inputs first (clear errors naming the argument, nothing
+modified), then runs the op on the chosen backend (see :mod:`grpo_fused._dispatch`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _dispatch
+from . import _validation as v
+from .config import GRPOConfig
+from .reference import GRPOOutput, GroupStats
+
+Tensor = torch.Tensor
+
+LINEAR_STRATEGIES = ("auto", "chunked", "tiled")
+
+
+def grpo_loss(
+    logits: Tensor,
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Optional[Tensor] = None,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    *,
+    config: Optional[GRPOConfig] = None,
+    is_weights: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    global_batch_size=None,
+    backend: str = "auto",
+) -> GRPOOutput:
+    """GRPO-family loss from logits.
+
+    Args:
+        logits: ``(B, T, V)`` fp32 / bf16 / fp16 / fp64, the completion positions' logits
+            (position t predicts ``completion_ids[:, t]``).
+        completion_ids: ``(B, T)`` int64 / int32 sampled tokens, in ``[0, V)``.
+        advantages: ``(B,)``, ``(B, 1)`` or ``(B, T)``.
+        completion_mask: ``(B, T)`` bool / int / float loss mask; None means all ones.
+        old_logps: ``(B, T)`` log-probs of the sampling policy; None means on-policy
+            (``logps.detach()``, ratio 1).
+        ref_logps: ``(B, T)`` log-probs of the reference policy; required when ``beta != 0``.
+        config: :class:`GRPOConfig`; None means ``GRPOConfig()`` (TRL 1.16 defaults).
+        is_weights: rollout importance-sampling weight ``(B,)``, ``(B, 1)`` or ``(B, T)``
+            (TRL's vLLM correction), multiplying the policy term.
+        num_items_in_batch: global token count normalizer of ``dapo``/``cispo``/``gpg`` and of
+            verl's ``token-mean``; default the mask's sum.
+        global_batch_size: verl's sequence-count normalizer for ``seq-mean-*`` modes.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        :class:`GRPOOutput` with ``loss`` (scalar), ``logps`` ``(B, T)``, ``entropy``
+        ``(B, T)`` or None, and ``metrics`` (0-dim tensors, TRL names).
+    """
+    config = v.check_config(config)
+    v.check_loss_inputs(
+        features_name="logits",
+        features=logits,
+        completion_ids=completion_ids,
+        advantages=advantages,
+        completion_mask=completion_mask,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        is_weights=is_weights,
+        config=config,
+        vocab_size=logits.shape[-1],
+    )
+    v.check_normalizer("num_items_in_batch", num_items_in_batch)
+    v.check_normalizer("global_batch_size", global_batch_size)
+    impl = _dispatch.resolve("grpo_loss", backend, logits.device)
+    return impl(
+        logits,
+        completion_ids,
+        advantages,
+        completion_mask,
+        old_logps,
+        ref_logps,
+        config=config,
+        is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
+        global_batch_size=global_batch_size,
+    )
+
+
+def linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Optional[Tensor] = None,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    config: Optional[GRPOConfig] = None,
+    is_weights: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    global_batch_size=None,
+    strategy: str = "auto",
+    backend: str = "auto",
+) -> GRPOOutput:
+    """GRPO-family loss straight from hidden states: ``logits = hidden @ weight.T + bias``.
+
+    Args:
+        hidden: ``(B, T, H)`` last hidden states of the completion positions.
+        weight: ``(V, H)`` lm_head weight. bias: ``(V,)`` or None.
+        strategy: ``"chunked"`` (GEMM per token chunk), ``"tiled"`` (logit tiles on chip) or
+            ``"auto"``; only the fused backends use it (the reference materializes the logits).
+
+    The other arguments and the return value are those of :func:`grpo_loss`.
+    """
+    config = v.check_config(config)
+    v.check_loss_inputs(
+        features_name="hidden",
+        features=hidden,
+        completion_ids=completion_ids,
+        advantages=advantages,
+        completion_mask=completion_mask,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        is_weights=is_weights,
+        config=config,
+        vocab_size=weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0,
+    )
+    v.check_linear_weights(hidden, weight, bias)
+    v.check_normalizer("num_items_in_batch", num_items_in_batch)
+    v.check_normalizer("global_batch_size", global_batch_size)
+    _check_strategy(strategy)
+    impl = _dispatch.resolve("linear_grpo_loss", backend, hidden.device)
+    return impl(
+        hidden,
+        weight,
+        completion_ids,
+        advantages,
+        completion_mask,
+        old_logps,
+        ref_logps,
+        bias=bias,
+        config=config,
+        is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
+        global_batch_size=global_batch_size,
+        strategy=strategy,
+    )
+
+
+def selective_log_softmax(
+    logits: Tensor,
+    ids: Tensor,
+    temperature: float = 1.0,
+    *,
+    compute_entropy: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-token ``log softmax(logits / temperature)[id]`` (and entropy), differentiable.
+
+    Args:
+        logits: ``(..., V)`` float. ids: ``(...)`` integer, in ``[0, V)``.
+        temperature: > 0. compute_entropy: also return the per-token entropy.
+
+    Returns:
+        ``(logps, entropy)``: fp32 ``(...)`` (fp64 for fp64 logits); entropy is None unless asked.
+    """
+    v.check_tensor("logits", logits, kind="float")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least 1 dimension (..., V)")
+    v.check_tensor("ids", ids, kind="int")
+    if tuple(ids.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"ids must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(ids.shape)}")
+    v.check_same_device("logits", logits, ids=ids)
+    v.check_temperature(temperature)
+    v.check_ids_in_range("ids", ids, logits.shape[-1])
+    impl = _dispatch.resolve("selective_log_softmax", backend, logits.device)
+    return impl(logits, ids, temperature, compute_entropy)
+
+
+def linear_log_softmax(
+    hidden: Tensor,
+    weight: Tensor,
+    ids: Tensor,
+    temperature: float = 1.0,
+    *,
+    bias: Optional[Tensor] = None,
+    compute_entropy: bool = False,
+    strategy: str = "auto",
+    backend: str = "auto",
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`selective_log_softmax` of ``hidden @ weight.T + bias`` without materializing logits.
+
+    Args:
+        hidden: ``(..., H)``. weight: ``(V, H)``. ids: ``(...)``. bias: ``(V,)`` or None.
+    """
+    v.check_tensor("hidden", hidden, kind="float")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (..., H)")
+    v.check_linear_weights(hidden, weight, bias)
+    v.check_tensor("ids", ids, kind="int")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ids must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(ids.shape)}")
+    v.check_same_device("hidden", hidden, ids=ids)
+    v.check_temperature(temperature)
+    v.check_ids_in_range("ids", ids, weight.shape[0])
+    _check_strategy(strategy)
+    impl = _dispatch.resolve("linear_log_softmax", backend, hidden.device)
+    return impl(hidden, weight, ids, temperature, bias=bias, compute_entropy=compute_entropy, strategy=strategy)
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    *,
+    group_offsets: Optional[Tensor] = None,
+    reward_weights: Optional[Tensor] = None,
+    keep_mask: Optional[Tensor] = None,
+    scale: str = "group",
+    unbiased: bool = True,
+    eps: float = 1e-4,
+    backend: str = "auto",
+) -> Tuple[Tensor, GroupStats]:
+    """Group-relative advantages ``(r - mean_g) / (std + eps)`` in one pass.
+
+    Args:
+        rewards: ``(B,)`` or ``(B, K)`` float; NaN marks an unscored reward.
+        group_size: contiguous groups of this size (B must be a multiple of it), or
+        group_ids: ``(B,)`` integer labels, any order, any group sizes, or
+        group_offsets: ``(G+1,)`` integer boundaries ``0 = o_0 <= ... <= o_G = B`` of contiguous groups.
+        reward_weights: ``(K,)`` per reward function (needs 2-D rewards); default ones.
+        keep_mask: ``(B,)`` bool; False leaves a reward out of the statistics (advantage 0).
+        scale: ``"group"``, ``"batch"`` or ``"none"``. unbiased: Bessel's correction.
+        eps: added to the std (TRL's 1e-4).
+
+    Returns:
+        ``(advantages (B,), GroupStats)``; see :func:`grpo_fused.reference.group_advantages`.
+    """
+    v.check_tensor("rewards", rewards, ndim=(1, 2), kind="float")
+    B = rewards.shape[0]
+    given = [n for n, x in (("group_size", group_size), ("group_ids", group_ids), ("group_offsets", group_offsets)) if x is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of group_size, group_ids, group_offsets (got {given or 'none'})")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if B % group_size != 0:
+            raise ValueError(f"group_size={group_size} does not divide the number of rewards {B}")
+    if group_ids is not None:
+        v.check_tensor("group_ids", group_ids, ndim=(1,), kind="int")
+        if group_ids.shape[0] != B:
+            raise ValueError(f"group_ids must have shape ({B},), got {tuple(group_ids.shape)}")
+    if group_offsets is not None:
+        v.check_tensor("group_offsets", group_offsets, ndim=(1,), kind="int")
+        offsets = group_offsets.detach().cpu()
+        if offsets.numel() < 2 or offsets[0] != 0 or offsets[-1] != B or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"group_offsets must rise from 0 to {B} (the number of rewards), got {offsets.tolist()}")
+    if reward_weights is not None:
+        v.check_tensor("reward_weights", reward_weights, ndim=(1,), kind="float")
+        if rewards.dim() != 2 or reward_weights.shape[0] != rewards.shape[1]:
+            raise ValueError(
+                f"reward_weights must have shape (K,) with rewards (B, K), got {tuple(reward_weights.shape)} "
+                f"and rewards {tuple(rewards.shape)}"
+            )
+    if keep_mask is not None:
+        v.check_tensor("keep_mask", keep_mask, ndim=(1,), kind="mask")
+        if keep_mask.shape[0] != B:
+            raise ValueError(f"keep_mask must have shape ({B},), got {tuple(keep_mask.shape)}")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    v.check_same_device(
+        "rewards", rewards, group_ids=group_ids, group_offsets=group_offsets,
+        reward_weights=reward_weights, keep_mask=keep_mask,
+    )
+    impl = _dispatch.resolve("group_advantages", backend, rewards.device)
+    return impl(
+        rewards,
+        group_size=group_size,
+        group_ids=group_ids,
+        group_offsets=group_offsets,
+        reward_weights=reward_weights,
+        keep_mask=keep_mask,
+        scale=scale,
+        unbiased=unbiased,
+        eps=eps,
+    )
+
+
+def _check_strategy(strategy):
+    if strategy not in LINEAR_STRATEGIES:
+        raise ValueError(f"strategy must be one of {LINEAR_STRATEGIES}, got {strategy!r}")

@@ -1,0 +1,1 @@
+"""Backends behind the public ops; see :mod:`grpo_fused._dispatch` for how one is chosen."""

@@ -1,0 +1,21 @@
+"""The eager PyTorch backend: the spec itself (:mod:`grpo_fused.reference`)."""
+
+from __future__ import annotations
+
+from .. import reference as _ref
+from ..reference import group_advantages, grpo_loss, selective_log_softmax
+
+__all__ = ["availability", "grpo_loss", "linear_grpo_loss", "selective_log_softmax", "linear_log_softmax", "group_advantages"]
+
+
+def availability(device):
+    return None
+
+
+def linear_grpo_loss(*args, strategy="auto", **kwargs):
+    # The reference always materializes the logits; ``strategy`` picks among fused kernels only.
+    return _ref.linear_grpo_loss(*args, **kwargs)
+
+
+def linear_log_softmax(*args, strategy="auto", **kwargs):
+    return _ref.linear_log_softmax(*args, **kwargs)
