@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level folder kernels/ but install as grpo_fused.kernels:
     # a top-level import package named `kernels` would shadow Hugging Face's `kernels`.
-    packages=["grpo_fused", "grpo_fused.backends", "grpo_fused.kernels"],
+    packages=["grpo_fused", "grpo_fused.backends", "grpo_fused.integrations", "grpo_fused.kernels"],
     package_dir={"grpo_fused.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={

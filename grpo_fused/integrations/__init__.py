@@ -1,0 +1,1 @@
+"""Drop-in adapters for existing trainers (TRL, verl)."""
