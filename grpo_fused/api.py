@@ -32,6 +32,7 @@ def grpo_loss(
     is_weights: Optional[Tensor] = None,
     num_items_in_batch=None,
     global_batch_size=None,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> GRPOOutput:
     """GRPO-family loss from logits.
@@ -51,6 +52,8 @@ def grpo_loss(
         num_items_in_batch: global token count normalizer of ``dapo``/``cispo``/``gpg`` and of
             verl's ``token-mean``; default the mask's sum.
         global_batch_size: verl's sequence-count normalizer for ``seq-mean-*`` modes.
+        inplace_backward: write the logits' gradient into the logits buffer (zero extra memory);
+            the caller must not read those logits after backward. Fused backends only.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
 
     Returns:
@@ -73,6 +76,7 @@ def grpo_loss(
     v.check_normalizer("num_items_in_batch", num_items_in_batch)
     v.check_normalizer("global_batch_size", global_batch_size)
     impl = _dispatch.resolve("grpo_loss", backend, logits.device)
+    extra = {"inplace_backward": True} if inplace_backward else {}
     return impl(
         logits,
         completion_ids,
@@ -84,6 +88,7 @@ def grpo_loss(
         is_weights=is_weights,
         num_items_in_batch=num_items_in_batch,
         global_batch_size=global_batch_size,
+        **extra,
     )
 
 

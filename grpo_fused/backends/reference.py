@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import reference as _ref
-from ..reference import group_advantages, grpo_loss, selective_log_softmax
+from ..reference import group_advantages, selective_log_softmax
 
 __all__ = ["availability", "grpo_loss", "linear_grpo_loss", "selective_log_softmax", "linear_log_softmax", "group_advantages"]
 
@@ -19,3 +19,10 @@ def linear_grpo_loss(*args, strategy="auto", **kwargs):
 
 def linear_log_softmax(*args, strategy="auto", **kwargs):
     return _ref.linear_log_softmax(*args, **kwargs)
+
+
+def grpo_loss(*args, inplace_backward=False, **kwargs):
+    if inplace_backward:
+        raise ValueError("inplace_backward=True needs a fused backend (triton or cpp); the reference "
+                         "materializes its own fp32 logits")
+    return _ref.grpo_loss(*args, **kwargs)
