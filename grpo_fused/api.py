@@ -61,6 +61,7 @@ def grpo_loss(
         ``(B, T)`` or None, and ``metrics`` (0-dim tensors, TRL names).
     """
     config = v.check_config(config)
+    v.check_tensor("logits", logits, ndim=(3,), kind="float")
     v.check_loss_inputs(
         features_name="logits",
         features=logits,
@@ -120,6 +121,8 @@ def linear_grpo_loss(
     The other arguments and the return value are those of :func:`grpo_loss`.
     """
     config = v.check_config(config)
+    v.check_tensor("hidden", hidden, ndim=(3,), kind="float")
+    v.check_linear_weights(hidden, weight, bias)
     v.check_loss_inputs(
         features_name="hidden",
         features=hidden,
@@ -130,9 +133,8 @@ def linear_grpo_loss(
         ref_logps=ref_logps,
         is_weights=is_weights,
         config=config,
-        vocab_size=weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0,
+        vocab_size=weight.shape[0],
     )
-    v.check_linear_weights(hidden, weight, bias)
     v.check_normalizer("num_items_in_batch", num_items_in_batch)
     v.check_normalizer("global_batch_size", global_batch_size)
     _check_strategy(strategy)

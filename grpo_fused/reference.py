@@ -140,7 +140,8 @@ def policy_token_loss(
             weight = torch.clamp(ratio, max=c.eps_high)
         return -weight.detach() * advantages * logps, ratio
     if c.loss_type == "sapo":
-        tau = torch.where(advantages > 0, c.sapo_temperature_pos, c.sapo_temperature_neg)
+        pos = torch.full_like(advantages, c.sapo_temperature_pos)
+        tau = torch.where(advantages > 0, pos, torch.full_like(advantages, c.sapo_temperature_neg))
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages, ratio
 
     # grpo, bnpo, dr_grpo, dapo, luspo: the PPO clipped surrogate.
@@ -258,6 +259,29 @@ def _metric_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _sequence_fraction(flags: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence masked mean ``(B,)`` of a ``(B, T)`` flag; a ``(B, 1)`` flag is already one."""
+    if flags.shape[-1] == 1 and mask.shape[-1] != 1:
+        return flags[:, 0]
+    return (flags.expand_as(mask) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def _extreme(values: Tensor, keep: Tensor, largest: bool) -> Tensor:
+    """max (or min) of ``values[keep]`` as a 0-dim tensor, NaN when nothing is kept; no host sync."""
+    if values.numel() == 0:
+        return values.new_tensor(float("nan"))
+    fill = torch.full_like(values, -float("inf") if largest else float("inf"))
+    kept = torch.where(keep, values, fill)
+    out = kept.max() if largest else kept.min()
+    return torch.where(keep.any(), out, torch.full_like(out, float("nan")))
+
+
+def _has_tokens(flags: Tensor, mask: Tensor) -> Tensor:
+    if flags.shape[-1] == 1 and mask.shape[-1] != 1:
+        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    return mask.sum(-1) > 0
+
+
 def grpo_loss_from_logps(
     logps: Tensor,
     advantages: Tensor,
@@ -323,6 +347,11 @@ def grpo_loss_from_logps(
         metrics["clip_ratio/low_mean"] = _metric_mean(low, mask)
         metrics["clip_ratio/high_mean"] = _metric_mean(high, mask)
         metrics["clip_ratio/region_mean"] = _metric_mean(torch.maximum(low, high), mask)
+        # Extremes over sequences of the per-sequence clipped fraction; sequences with no
+        # token are left out (NaN when every sequence is empty), as TRL's nanmin / nanmax.
+        has_tokens = _has_tokens(low, mask)
+        metrics["clip_ratio/low_min"] = _extreme(_sequence_fraction(low, mask), has_tokens, largest=False)
+        metrics["clip_ratio/high_max"] = _extreme(_sequence_fraction(high, mask), has_tokens, largest=True)
     elif c.loss_type == "cispo":
         clipped = ((r > c.eps_high) & (advantages > 0)).to(mask.dtype)
         metrics["cispo_clip_ratio"] = _metric_mean(clipped, mask)
