@@ -10,6 +10,8 @@ import os
 
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
+from grpo_fused.kernels.selective_log_softmax import selective_log_softmax  # noqa: F401
+
 
 def availability(device):
     if device.type == "cuda":

@@ -1,0 +1,253 @@
+"""The Triton logits kernels (vocab pass, GRPO epilogue, backward) against float64 ground truth.
+
+Without a CUDA GPU these run under TRITON_INTERPRET=1 on CPU tensors (set by conftest), where a
+launch costs ~0.1-0.4 s, so shapes are small and ragged; with CUDA the same tests run and a few
+larger shapes are added.
+
+Tolerances: the kernels accumulate in fp32, so a row's logp is exact up to fp32 rounding of
+numbers as large as the row's largest |z| (``ulp_row``); gradients additionally round once to
+the logits dtype (``DTYPE_RTOL``). Every bound below is a few ulps, not a blanket slack.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, has_triton
+
+pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+
+if has_triton():
+    from grpo_fused.kernels import selective_log_softmax as sls
+
+CUDA = DEVICE == "cuda"
+EPS32 = torch.finfo(torch.float32).eps
+# One ulp of the output dtype: round-to-nearest needs half of it, but Triton's interpreter
+# truncates fp32 -> bf16, so bf16 gets a full ulp (2^-7 relative).
+DTYPE_RTOL = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 1e-12}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------
+# Ground truth and inputs.
+# --------------------------------------------------------------------------------------
+
+
+def truth_vocab(logits, ids, temperature):
+    """float64 ``(logps, lse, entropy, p)`` of the (already rounded) logits, masked columns safe."""
+    z = logits.double() / temperature
+    lse = torch.logsumexp(z, -1)
+    log_p = z - lse.unsqueeze(-1)
+    p = log_p.exp()
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    logps = log_p.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    return logps, lse, entropy, p
+
+
+def truth_dlogits(logits, ids, temperature, dlogps, dentropy):
+    """float64 gradient of ``sum(dlogps * logp + dentropy * H)`` (closed form; no 0 * -inf)."""
+    logps, lse, entropy, p = truth_vocab(logits, ids, temperature)
+    z = logits.double() / temperature
+    log_p = z - lse.unsqueeze(-1)
+    onehot = torch.nn.functional.one_hot(ids.long(), logits.shape[-1]).double()
+    dz = dlogps.double().unsqueeze(-1) * (onehot - p)
+    if dentropy is not None:
+        plogp = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
+        dz = dz - dentropy.double().unsqueeze(-1) * plogp
+    return dz / temperature
+
+
+def ulp_row(logits, temperature):
+    """Per row, the fp32 spacing of the largest finite |z|: the rounding floor of lse and logp."""
+    z = logits.double() / temperature
+    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    return EPS32 * z.abs().amax(-1).clamp(min=1.0)
+
+
+def make_logits(n, v, dtype, seed=0, special_rows=True):
+    """Random logits ``(n, v)`` (scale 3) with, when there is room, the rows tests must survive:
+    row 1 has its first third masked to -inf, row 2 has every logit -inf but the target's,
+    row 3 is offset by +1000 (large logits)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * 3
+    ids = torch.randint(0, v, (n,), generator=g)
+    if special_rows and n >= 4:
+        x[1, : v // 3] = float("-inf")
+        ids[1] = v - 1
+        x[2, :] = float("-inf")
+        x[2, ids[2]] = 0.5
+        x[3] += 1000.0
+    return x.to(dtype).to(DEVICE), ids.to(DEVICE)
+
+
+def assert_rows_close(actual, truth, atol_row, rtol=1e-6, what=""):
+    actual = actual.double()
+    bound = atol_row.reshape(atol_row.shape + (1,) * (truth.dim() - atol_row.dim())) + rtol * truth.abs()
+    err = (actual - truth).abs()
+    bad = ~(err <= bound)
+    assert not bad.any(), f"{what}: max err {err.max().item():.3g}, {int(bad.sum())} elements out of bound"
+
+
+def assert_grad_close(dlogits, logits, ids, temperature, dlogps, dentropy, what=""):
+    truth = truth_dlogits(logits, ids, temperature, dlogps, dentropy)
+    _, _, entropy, _ = truth_vocab(logits, ids, temperature)
+    scale = dlogps.double().abs()
+    if dentropy is not None:
+        scale = scale + dentropy.double().abs() * (1 + entropy.abs())
+    # p carries the fp32 error of lse (8 ulps of the row's |z|), times the row's gradient scale.
+    atol_row = (1e-6 + 8 * ulp_row(logits, temperature)) * scale / temperature
+    assert dlogits.dtype == logits.dtype
+    assert_rows_close(dlogits, truth, atol_row, rtol=DTYPE_RTOL[logits.dtype], what=what)
+
+
+# --------------------------------------------------------------------------------------
+# Vocab pass: logits_fwd / logits_bwd.
+# --------------------------------------------------------------------------------------
+
+# (N, V, BLOCK_V): V=257 in one 512-wide tile; V=257 in 64-wide tiles (ragged last tile);
+# V=10 smaller than the smallest block (most lanes masked); N odd throughout.
+VOCAB_SHAPES = [(7, 257, None), (5, 257, 64), (5, 10, None)]
+if CUDA:
+    VOCAB_SHAPES += [(33, 32001, None), (9, 151936, None)]
+
+
+@pytest.mark.parametrize("n,v,block_v", VOCAB_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_vocab_pass_matches_float64_truth(n, v, block_v, dtype, temperature):
+    logits, ids = make_logits(n, v, dtype)
+    logps, lse, entropy = sls.vocab_fwd(logits, ids, temperature, True, block_v=block_v)
+    t_logps, t_lse, t_entropy, _ = truth_vocab(logits, ids, temperature)
+    atol_row = 1e-6 + 8 * ulp_row(logits, temperature)
+    assert logps.dtype == lse.dtype == entropy.dtype == torch.float32
+    assert_rows_close(logps, t_logps, atol_row, what="logps")
+    assert_rows_close(lse, t_lse, atol_row, what="lse")
+    assert_rows_close(entropy, t_entropy, atol_row, what="entropy")
+
+    g = torch.Generator().manual_seed(1)
+    dlogps = torch.randn(n, generator=g).to(DEVICE)
+    dentropy = torch.randn(n, generator=g).to(DEVICE)
+    dlogits = sls.vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature, block_v=block_v)
+    assert_grad_close(dlogits, logits, ids, temperature, dlogps, dentropy, what="dlogits")
+    assert torch.isfinite(dlogits).all()
+
+
+def test_public_launchers_without_entropy_and_inplace():
+    logits, ids = make_logits(5, 257, torch.bfloat16)
+    keep = logits.clone()
+    logps, lse, entropy = sls.logits_fwd(logits, ids.to(torch.int32), 1.3, False)
+    assert entropy is None
+    assert torch.equal(logits, keep), "forward must not modify its input"
+    assert_rows_close(logps, truth_vocab(logits, ids, 1.3)[0], 1e-6 + 8 * ulp_row(logits, 1.3), what="logps")
+    dlogps = torch.linspace(-1, 2, 5, device=DEVICE)
+    expected = sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.3)
+    assert torch.equal(logits, keep)
+    assert_grad_close(expected, logits, ids, 1.3, dlogps, None, what="dlogits")
+    out = sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.3, out=logits)
+    assert out.data_ptr() == logits.data_ptr()
+    assert torch.equal(logits, expected), "in-place gradient must equal the out-of-place one bitwise"
+
+
+def test_strided_rows_and_sliced_3d_logits_read_in_place():
+    base, _ = make_logits(5, 300, torch.float32, special_rows=False)
+    logits = base[:, 20:277]  # (5, 257) with row stride 300
+    ids = torch.randint(0, 257, (5,), device=DEVICE)
+    logps, lse, entropy = sls.logits_fwd(logits, ids, 1.0, True)
+    t_logps, _, t_entropy, _ = truth_vocab(logits, ids, 1.0)
+    assert_rows_close(logps, t_logps, 1e-6 + 8 * ulp_row(logits, 1.0), what="strided logps")
+    dlogps = torch.ones(5, device=DEVICE)
+    dlogits = sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.0)
+    assert_grad_close(dlogits, logits, ids, 1.0, dlogps, None, what="strided dlogits")
+
+    full, _ = make_logits(12, 129, torch.float16, special_rows=False)
+    seq = full.view(3, 4, 129)[:, :-1]  # (3, 3, 129): a causal-LM slice, not viewable as (9, 129)
+    seq_ids = torch.randint(0, 129, (3, 3), device=DEVICE)
+    logps, _, entropy = sls.vocab_fwd(seq, seq_ids, 0.9, True)
+    t_logps, _, t_entropy, _ = truth_vocab(seq, seq_ids, 0.9)
+    atol = 1e-6 + 8 * ulp_row(seq, 0.9).reshape(-1)
+    assert_rows_close(logps, t_logps.reshape(-1), atol, what="3-D logps")
+    assert_rows_close(entropy, t_entropy.reshape(-1), atol, what="3-D entropy")
+
+
+def test_selective_log_softmax_autograd_and_inplace():
+    logits, ids = make_logits(2 * 3, 257, torch.bfloat16)
+    logits = logits.view(2, 3, 257)
+    ids = ids.view(2, 3)
+    dlogps = torch.randn(2, 3, device=DEVICE)
+    dentropy = torch.randn(2, 3, device=DEVICE)
+    x = logits.clone().requires_grad_()
+    logps, entropy = sls.selective_log_softmax(x, ids, 0.8, compute_entropy=True)
+    assert logps.shape == entropy.shape == (2, 3)
+    (logps * dlogps + entropy * dentropy).sum().backward()
+    assert_grad_close(x.grad.view(6, 257), logits.view(6, 257), ids.view(6), 0.8,
+                      dlogps.view(6), dentropy.view(6), what="autograd dlogits")
+
+    # In place: the gradient lands in the logits' own buffer, bitwise equal to the copy above.
+    leaf = torch.zeros(2, 3, 257, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    y = leaf + logits  # non-leaf logits, as a model's output
+    logps, entropy = sls.selective_log_softmax(y, ids, 0.8, compute_entropy=True, inplace_backward=True)
+    (logps * dlogps + entropy * dentropy).sum().backward()
+    assert torch.equal(y.detach(), x.grad), "the logits buffer now holds the gradient"
+    assert torch.equal(leaf.grad, x.grad)
+
+
+def test_selective_log_softmax_float64_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 11, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    ids = torch.tensor([0, 10, 4], device=DEVICE)
+    logps, entropy = sls.selective_log_softmax(logits, ids, 0.5, compute_entropy=True)
+    assert logps.dtype == torch.float64
+    t_logps, _, t_entropy, _ = truth_vocab(logits.detach(), ids, 0.5)
+    # 0.5 is exact in fp32, so fp64 accumulation must reach fp64 precision.
+    torch.testing.assert_close(logps.detach(), t_logps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy.detach(), t_entropy, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x: sls.selective_log_softmax(x, ids, 0.5, compute_entropy=True), (logits,), fast_mode=True
+    )
+
+
+def test_vocab_pass_is_deterministic_and_batch_invariant():
+    logits, ids = make_logits(9, 257, torch.bfloat16, seed=5)
+    a = sls.logits_fwd(logits, ids, 0.7, True)
+    b = sls.logits_fwd(logits, ids, 0.7, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # A token's results do not depend on which other rows share the launch.
+    sub = sls.logits_fwd(logits[4:6], ids[4:6], 0.7, True)
+    for x, y in zip(a, sub):
+        assert torch.equal(x[4:6], y)
+
+
+def test_launcher_bad_inputs_raise_before_launch():
+    logits, ids = make_logits(4, 33, torch.float32, special_rows=False)
+    with pytest.raises(TypeError, match="ids"):
+        sls.logits_fwd(logits, ids.float(), 1.0, False)
+    with pytest.raises(ValueError, match="ids"):
+        sls.logits_fwd(logits, ids[:3], 1.0, False)
+    with pytest.raises(ValueError, match="temperature"):
+        sls.logits_fwd(logits, ids, 0.0, False)
+    with pytest.raises(ValueError, match="last"):
+        sls.logits_fwd(logits.t().contiguous().t(), ids, 1.0, False)
+    with pytest.raises(TypeError, match="logits"):
+        sls.logits_fwd(ids.view(4, 1), ids, 1.0, False)
+    lse = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="entropy"):
+        sls.logits_bwd(logits, ids, lse, lse, lse, None, 1.0)
+    with pytest.raises(ValueError, match="out"):
+        sls.logits_bwd(logits, ids, lse, lse, None, None, 1.0, out=logits.half())
+
+
+def test_public_selective_log_softmax_on_triton_backend():
+    import grpo_fused as gf
+
+    logits, ids = make_logits(6, 257, torch.float16)
+    logits = logits.view(2, 3, 257).requires_grad_()
+    logps, entropy = gf.selective_log_softmax(logits, ids.view(2, 3), 1.1, compute_entropy=True, backend="triton")
+    t_logps, _, t_entropy, _ = truth_vocab(logits.detach(), ids.view(2, 3), 1.1)
+    atol = 1e-6 + 8 * ulp_row(logits.detach(), 1.1)
+    assert_rows_close(logps, t_logps, atol, what="logps")
+    assert_rows_close(entropy, t_entropy, atol, what="entropy")
+    logps.sum().backward()
+    assert_grad_close(logits.grad.view(6, 257), logits.detach().view(6, 257), ids, 1.1,
+                      torch.ones(6, device=DEVICE), None, what="dlogits")
