@@ -1,0 +1,263 @@
+"""The ``grpo-fused`` command (also ``python -m grpo_fused``).
+
+Subcommands:
+
+* ``bench``: forward, backward and fwd+bwd time and peak memory of every implementation that can
+  run here (eager reference, torch.compile'd reference, the Triton / C++ backends, Liger-Kernel),
+  side by side, with ratios to eager and achieved TB/s or TFLOP/s against the device's floors.
+  Prints a table, writes ``bench-<device>-<date>.json`` under ``--out-dir``.
+* ``profile-memory``: peak memory of one fwd+bwd per implementation over sequence lengths
+  (1k to 128k tokens on GPU, 128 to 1024 on CPU); writes JSON and a PNG plot.
+* ``train``: forwards its arguments to ``grpo_fused.trainer.main(argv)``.
+
+Shapes default to DESIGN.md's reference shapes on a GPU and to small fp32 shapes on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+
+
+def _csv(text: str) -> List[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        values = [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu or cuda[:i]")
+    p.add_argument("--ops", type=_csv, default=["logits", "linear"],
+                   help="comma-separated: logits (loss from logits), linear (from hidden states)")
+    p.add_argument("--providers", type=_csv, default=None,
+                   help="comma-separated provider names (default: all of them; the unavailable ones are "
+                        "listed with their reason)")
+    p.add_argument("--vocab", type=_positive_int, default=None, help="V (default: 151936 on GPU, 32000 on CPU)")
+    p.add_argument("--hidden", type=_positive_int, default=None, help="H of the linear path")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="logits / hidden dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"results folder (default: {DEFAULT_OUT_DIR})")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per implementation (default 600)")
+    p.add_argument("--plain", action="store_true", help="plain-text table instead of rich")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo-fused", description="Fused GRPO-family losses: benchmarks and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time and memory of every available implementation, side by side")
+    _add_common(bench)
+    bench.add_argument("--batch", type=_positive_int, default=None, help="B (default: 8 on GPU, 2 on CPU)")
+    bench.add_argument("--seq", type=_positive_int, default=None, help="T (default: 2048 on GPU, 128 on CPU)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 3 GPU, 1 CPU)")
+    bench.add_argument("--reps", type=_positive_int, default=None, help="timed iterations (default: 20 GPU, 3 CPU)")
+
+    mem = sub.add_parser("profile-memory", help="peak memory vs sequence length, JSON + PNG plot")
+    _add_common(mem)
+    mem.add_argument("--batch", type=_positive_int, default=None, help="B (default 1)")
+    mem.add_argument("--seq-lens", type=_ints, default=None,
+                     help="comma-separated T values (default: 1024..131072 on GPU, 128..1024 on CPU)")
+
+    train = sub.add_parser("train", help="run grpo_fused.trainer with the remaining arguments", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("grpo-fused: --device cuda asked for, but no CUDA GPU is visible")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"grpo-fused: --device must be cpu or cuda, got {name!r}")
+    return device
+
+
+class _Progress:
+    """A progress bar over (op, provider) steps on stderr: tqdm when installed, else one line each."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="impl", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.started = False
+
+    def __call__(self, label: str):
+        if self.bar is not None:
+            if self.started:
+                self.bar.update(1)
+            self.bar.set_postfix_str(label)
+        elif self.enabled:
+            print(f"  running {label} ...", file=sys.stderr, flush=True)
+        self.started = True
+
+    def close(self):
+        if self.bar is not None:
+            if self.started:
+                self.bar.update(1)
+            self.bar.close()
+
+
+def _print_table(rows, title: str, plain: bool):
+    from . import benchmarking as bm
+
+    if not plain:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            plain = True
+    print(title)
+    if plain:
+        print(bm.plain_table(rows))
+        return
+    table = Table(show_lines=False)
+    for i, name in enumerate(rows[0]):
+        table.add_column(name, justify="left" if i < 2 else "right", overflow="fold")
+    for r in rows[1:]:
+        table.add_row(*r)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _print_unavailable(doc):
+    missing = [r for r in doc["results"] if r["status"] != "ok"]
+    if missing:
+        print("Not measured:")
+        for r in missing:
+            print(f"  {r['op']}/{r['provider']}: {r['status']}: {r.get('reason')}")
+
+
+def _check_ops(ops):
+    from . import benchmarking as bm
+
+    bad = [op for op in ops if op not in bm.OPS]
+    if bad or not ops:
+        raise SystemExit(f"grpo-fused: --ops must be a comma-separated subset of {bm.OPS}, got {ops}")
+
+
+def _check_providers(names):
+    from . import benchmarking as bm
+
+    if names is None:
+        return
+    known = {p.name for p in bm.PROVIDERS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"grpo-fused: unknown provider(s) {unknown}; known: {', '.join(sorted(known))}")
+
+
+def cmd_bench(args) -> int:
+    from . import benchmarking as bm
+
+    _check_ops(args.ops)
+    _check_providers(args.providers)
+    device = _resolve_device(args.device)
+    gpu = device.type == "cuda"
+    cases = []
+    for case in bm.default_cases(device.type, args.ops):
+        changes = {k: v for k, v in (("B", args.batch), ("T", args.seq), ("V", args.vocab), ("dtype", args.dtype),
+                                     ("H", args.hidden if case.op == "linear" else None)) if v is not None}
+        cases.append(bm.dataclasses.replace(case, **changes))
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    reps = args.reps if args.reps is not None else (20 if gpu else 3)
+    total = sum(len(bm.providers_for(c.op, args.providers)) for c in cases)
+    progress = _Progress(total, not args.no_progress, "bench")
+    try:
+        doc = bm.run_bench(device, cases, args.providers, warmup=warmup, reps=reps, timeout=args.timeout,
+                           progress=progress)
+    finally:
+        progress.close()
+    path = bm.save(doc, args.out_dir)
+    shapes = "; ".join(f"{c.op}: B={c.B} T={c.T} V={c.V}" + (f" H={c.H}" if c.H else "") + f" {c.dtype}"
+                       for c in cases)
+    tag = " [CPU-only figures]" if doc["cpu_only"] else ""
+    floors = doc["floors"]
+    _print_table(bm.bench_table(doc), f"grpo-fused bench on {doc['device']['name']}{tag}\n{shapes}", args.plain)
+    print(f"times: median ±(p80-p20)/2 of {reps} reps after {warmup} warm-up; 'vs eager' = eager time / time; "
+          f"floors: {floors['bandwidth'] / 1e12:.3g} TB/s ({floors['bandwidth_source']}), "
+          f"{floors['gemm_flops'] / 1e12:.3g} TFLOP/s ({floors['gemm_source']})")
+    _print_unavailable(doc)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_profile_memory(args) -> int:
+    from . import benchmarking as bm
+
+    _check_ops(args.ops)
+    _check_providers(args.providers)
+    device = _resolve_device(args.device)
+    sweep = bm.default_sweep(device.type)
+    for key, value in (("B", args.batch), ("seq_lens", args.seq_lens), ("V", args.vocab), ("H", args.hidden),
+                       ("dtype", args.dtype)):
+        if value is not None:
+            sweep[key] = value
+    total = sum(len(bm.providers_for(op, args.providers)) for op in args.ops)
+    progress = _Progress(total, not args.no_progress, "profile-memory")
+    try:
+        doc = bm.run_memory_sweep(device, args.ops, provider_names=args.providers, timeout=args.timeout,
+                                  progress=progress, **sweep)
+    finally:
+        progress.close()
+    path = bm.save(doc, args.out_dir)
+    png = bm.plot_memory(doc, path[: -len(".json")] + ".png")
+    tag = " [CPU-only figures]" if doc["cpu_only"] else ""
+    title = (f"grpo-fused peak memory (fwd+bwd, beyond inputs) on {doc['device']['name']}{tag}\n"
+             f"B={sweep['B']} V={sweep['V']} H={sweep['H']} (linear) {sweep['dtype']}")
+    _print_table(bm.memory_table(doc), title, args.plain)
+    print(f"method: {doc['memory_method']}")
+    _print_unavailable(doc)
+    print(f"wrote {path}\nwrote {png}")
+    return 0
+
+
+def cmd_train(argv: List[str]) -> int:
+    try:
+        from . import trainer
+    except ImportError as exc:
+        print(f"grpo-fused train: the trainer is not available in this installation (grpo_fused.trainer could "
+              f"not be imported: {exc})", file=sys.stderr)
+        return 2
+    result = trainer.main(argv)
+    return 0 if result is None else int(result)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``grpo-fused`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        # Everything after "train" belongs to the trainer, --help included.
+        return cmd_train(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args)
+    return cmd_profile_memory(args)
