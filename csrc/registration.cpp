@@ -1,0 +1,34 @@
+// Schemas of the grpo_fused_cpp operators. CPU kernels are in log_softmax.cpp and advantages.cpp;
+// fake (meta) kernels and autograd formulas are registered from Python (grpo_fused/backends/cpp.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(grpo_fused_cpp, m) {
+  // logits (N, V) or (B, T, V), unit stride over V; ids (N,) int64. Returns fp32 (fp64 for fp64
+  // logits) (logps (N,), lse (N,), entropy (N,) or (0,) when compute_entropy is false).
+  m.def("logits_fwd(Tensor logits, Tensor ids, float inv_temperature, bool compute_entropy)"
+        " -> (Tensor logps, Tensor lse, Tensor entropy)");
+  // dlogits (shape and dtype of logits). grad_entropy (0,) means no entropy gradient.
+  m.def("logits_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor logits, Tensor ids, Tensor lse,"
+        " Tensor entropy, float inv_temperature) -> Tensor");
+  // The same gradient written over logits.
+  m.def("logits_bwd_inplace(Tensor grad_logps, Tensor grad_entropy, Tensor(a!) logits, Tensor ids, Tensor lse,"
+        " Tensor entropy, float inv_temperature) -> ()");
+  // hidden (N, H), weight (V, H), bias (V,): logits computed chunk_rows tokens at a time.
+  m.def("linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, float inv_temperature,"
+        " bool compute_entropy, int chunk_rows) -> (Tensor logps, Tensor lse, Tensor entropy)");
+  // (dhidden (N, H), dweight (V, H), dbias (V,) or (0,)).
+  m.def("linear_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias,"
+        " Tensor ids, Tensor lse, Tensor entropy, float inv_temperature, int chunk_rows)"
+        " -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
+  // rewards (B,) combined, group_index (B,) int64, keep_mask (B,) bool or (0,); scale_mode 0 group,
+  // 1 batch, 2 none. Returns (advantages (B,), mean (G,), std (G,), count (G,), zero_std (G,)).
+  m.def("group_advantages(Tensor rewards, Tensor group_index, int num_groups, Tensor keep_mask,"
+        " int scale_mode, bool unbiased, float eps)"
+        " -> (Tensor advantages, Tensor mean, Tensor std, Tensor count, Tensor zero_std)");
+}
+
+// Lets a build from setup.py be imported as the Python module grpo_fused._C; importing it
+// loads the library and so runs the registrations above.
+static struct PyModuleDef grpo_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&grpo_fused_module); }
