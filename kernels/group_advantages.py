@@ -1,0 +1,357 @@
+"""Segmented group advantages: rewards -> ``(r - mean_g) / (std_g + eps)`` in one launch.
+
+Semantics are exactly :func:`grpo_fused.reference.group_advantages` (NaN = unscored, ``keep_mask``
+leaves rewards out of the statistics, singleton / empty groups give advantage 0, NaN std where it
+is undefined, ``zero_std`` = fewer than 2 valid rewards or std <= 1e-8).
+
+Layout. A group is a contiguous run ``[start_g, start_g + size_g)`` of *sorted positions*:
+``group_size`` gives ``start_g = g * group_size``; ``group_offsets`` gives the runs directly;
+``group_ids`` (any labels, any order) is turned on the host into a stable ``argsort`` permutation
+plus the offsets of its runs, so position ``p`` holds reward row ``perm[p]``. Groups are numbered
+by sorted label, as the reference's ``torch.unique`` numbers them.
+
+One program owns ``BLOCK_G`` consecutive groups and walks their members in ``(BLOCK_G, BLOCK_S)``
+tiles: pass 1 sums and counts the valid rewards (mean), pass 2 sums the squared deviations from
+that mean (two-pass variance, no ``E[x^2] - E[x]^2`` cancellation), pass 3 writes the
+advantages, the combined rewards and the group index. When every group fits one tile
+(``group_size <= BLOCK_S``) the tile is loaded once and the three passes run in registers;
+otherwise passes re-read the group (from L2 on a GPU). Statistics are fp32 (fp64 for fp64
+rewards), whatever the reward dtype. A group is never split across programs, so one group much
+larger than the rest serializes on one program (correct, just not load-balanced).
+
+Work outside the single kernel launch (all torch ops on the launching stream, no host sync
+except where noted):
+
+* always: ``frac_zero_std`` = sum of the ``P`` per-program zero-std counts / G (two tiny ops,
+  ``P = ceil(G / BLOCK_G)``);
+* ``group_ids``: a stable ``argsort`` of the ids, a gather of the sorted ids and
+  ``unique_consecutive`` (one host sync, to learn G), a cumsum for the offsets: O(B log B);
+* ``group_offsets``: a cast to contiguous int64 (O(G));
+* ``scale="batch"``: the batch std needs every group first, so the kernel writes the unscaled
+  ``r - mean_g`` and per-program Chan partials ``(count, mean, M2)``; torch merges the ``P``
+  partials into the batch std (O(P)) and divides the advantages by ``std_batch + eps``, zeroing
+  non-finite results (three O(B) elementwise ops).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from grpo_fused.reference import GroupStats, compute_dtype
+
+Tensor = torch.Tensor
+
+SCALE_MODES = {"none": 0, "group": 1, "batch": 2}
+
+# Elements per (BLOCK_G, BLOCK_S) tile: 2048 fp32 values is 16 per thread at 4 warps, enough
+# loads in flight per thread without spilling; the widest group tile is 1024 members.
+TILE_ELEMENTS = 2048
+MAX_BLOCK_S = 1024
+# Variable-size groups get at least this many members per tile row, so a few large groups
+# among many small ones do not walk in tiny steps.
+MIN_BLOCK_S_VARIABLE = 16
+# Columns of the per-program partials: valid count, mean, M2 (Chan), number of zero-std groups.
+N_PARTIALS = 4
+
+# The reference's zero-std threshold (GroupStats.zero_std).
+ZERO_STD_THRESHOLD = tl.constexpr(1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _member_rows(s0, starts, sizes, perm, BLOCK_S: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Reward rows ``(BLOCK_G, BLOCK_S)`` of members ``s0 .. s0 + BLOCK_S`` of each group."""
+    members = s0 + tl.arange(0, BLOCK_S)
+    in_group = members[None, :] < sizes[:, None]
+    positions = starts[:, None] + members[None, :]
+    if HAS_PERM:
+        rows = tl.load(perm + positions, mask=in_group, other=0).to(tl.int64)
+    else:
+        rows = positions
+    return rows, in_group
+
+
+@triton.jit
+def _combined_rewards(
+    rewards, reward_weights, keep_mask, rows, in_group, K,
+    stride_rb, stride_rk, stride_w, stride_keep,
+    ACC: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    """The combined reward (NaN-aware weighted sum over K, NaN when all K are NaN) and validity."""
+    total = tl.zeros(rows.shape, dtype=ACC)
+    scored = in_group & False
+    for k in range(K):
+        x = tl.load(rewards + rows * stride_rb + k * stride_rk, mask=in_group, other=float("nan")).to(ACC)
+        if HAS_WEIGHTS:
+            xw = x * tl.load(reward_weights + k * stride_w).to(ACC)
+        else:
+            xw = x
+        # nansum skips a NaN product (NaN reward, or a NaN / inf weight times 0 or inf).
+        total += tl.where(xw == xw, xw, 0.0)
+        scored = scored | (x == x)
+    combined = tl.where(scored, total, float("nan"))
+    valid = scored
+    if HAS_KEEP:
+        keep = tl.load(keep_mask + rows * stride_keep, mask=in_group, other=0)
+        valid = valid & (keep != 0)
+    return combined, valid
+
+
+@triton.heuristics(
+    {
+        "HAS_OFFSETS": lambda args: args["group_offsets"] is not None,
+        "HAS_PERM": lambda args: args["perm"] is not None,
+        "HAS_WEIGHTS": lambda args: args["reward_weights"] is not None,
+        "HAS_KEEP": lambda args: args["keep_mask"] is not None,
+    }
+)
+@triton.jit
+def _group_advantages_kernel(
+    # inputs
+    rewards, reward_weights, keep_mask, group_offsets, perm,
+    # outputs
+    advantages, combined_out, group_index, group_mean_out, group_std_out, group_count_out,
+    zero_std_out, partials,
+    # sizes, strides, runtime scalars
+    num_groups, group_size, K,
+    stride_rb, stride_rk, stride_w, stride_keep,
+    ddof, eps,
+    SCALE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_KEEP: tl.constexpr,
+):
+    ACC: tl.constexpr = group_mean_out.dtype.element_ty
+    pid = tl.program_id(0)
+    groups = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    group_live = groups < num_groups
+    if HAS_OFFSETS:
+        starts = tl.load(group_offsets + groups, mask=group_live, other=0).to(tl.int64)
+        ends = tl.load(group_offsets + groups + 1, mask=group_live, other=0).to(tl.int64)
+        sizes = ends - starts
+    else:
+        starts = groups * group_size
+        sizes = tl.where(group_live, group_size, 0).to(tl.int64)
+
+    # Pass 1: valid count and sum -> mean.  Pass 2: sum of squared deviations -> std.
+    if ONE_CHUNK:
+        rows, in_group = _member_rows(0, starts, sizes, perm, BLOCK_S, HAS_PERM)
+        r, valid = _combined_rewards(
+            rewards, reward_weights, keep_mask, rows, in_group, K,
+            stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+        )
+        group_sum = tl.sum(tl.where(valid, r, 0.0), axis=1)
+        group_count = tl.sum(valid.to(ACC), axis=1)
+        group_mean = tl.where(group_count > 0, group_sum / tl.maximum(group_count, 1.0), float("nan"))
+        dev = tl.where(valid, r - group_mean[:, None], 0.0)
+        group_m2 = tl.sum(dev * dev, axis=1)
+    else:
+        max_size = tl.max(sizes, axis=0)
+        group_sum = tl.zeros((BLOCK_G,), dtype=ACC)
+        group_count = tl.zeros((BLOCK_G,), dtype=ACC)
+        for s0 in range(0, max_size, BLOCK_S):
+            rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
+            r, valid = _combined_rewards(
+                rewards, reward_weights, keep_mask, rows, in_group, K,
+                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+            )
+            group_sum += tl.sum(tl.where(valid, r, 0.0), axis=1)
+            group_count += tl.sum(valid.to(ACC), axis=1)
+        group_mean = tl.where(group_count > 0, group_sum / tl.maximum(group_count, 1.0), float("nan"))
+        group_m2 = tl.zeros((BLOCK_G,), dtype=ACC)
+        for s0 in range(0, max_size, BLOCK_S):
+            rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
+            r, valid = _combined_rewards(
+                rewards, reward_weights, keep_mask, rows, in_group, K,
+                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+            )
+            dev = tl.where(valid, r - group_mean[:, None], 0.0)
+            group_m2 += tl.sum(dev * dev, axis=1)
+
+    group_std = tl.sqrt(group_m2 / tl.maximum(group_count - ddof, 1.0))
+    group_std = tl.where(group_count > ddof, group_std, float("nan"))
+    # NaN std counts as zero std (the reference's ~(std > 1e-8)).
+    zero_std = (group_count < 2) | (group_std <= ZERO_STD_THRESHOLD) | (group_std != group_std)
+    has_signal = group_count > 1
+    if SCALE == 1:
+        denom = group_std + eps
+    else:
+        # "none" divides by nothing; "batch" is divided on the host once the batch std is known.
+        denom = tl.full((BLOCK_G,), 1.0, dtype=ACC)
+
+    tl.store(group_mean_out + groups, group_mean, mask=group_live)
+    tl.store(group_std_out + groups, group_std, mask=group_live)
+    tl.store(group_count_out + groups, group_count.to(tl.int64), mask=group_live)
+    tl.store(zero_std_out + groups, zero_std, mask=group_live)
+
+    # Pass 3: advantages, combined rewards and group index of every member.
+    if ONE_CHUNK:
+        adv = dev / denom[:, None]
+        adv = tl.where(valid & has_signal[:, None] & (tl.abs(adv) < float("inf")), adv, 0.0)
+        tl.store(advantages + rows, adv, mask=in_group)
+        tl.store(combined_out + rows, r, mask=in_group)
+        tl.store(group_index + rows, groups[:, None] + tl.zeros_like(rows), mask=in_group)
+    else:
+        for s0 in range(0, max_size, BLOCK_S):
+            rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
+            r, valid = _combined_rewards(
+                rewards, reward_weights, keep_mask, rows, in_group, K,
+                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+            )
+            dev = tl.where(valid, r - group_mean[:, None], 0.0)
+            adv = dev / denom[:, None]
+            adv = tl.where(valid & has_signal[:, None] & (tl.abs(adv) < float("inf")), adv, 0.0)
+            tl.store(advantages + rows, adv, mask=in_group)
+            tl.store(combined_out + rows, r, mask=in_group)
+            tl.store(group_index + rows, groups[:, None] + tl.zeros_like(rows), mask=in_group)
+
+    # Per-program partials: zero-std groups (for frac_zero_std) and, for the batch scale, Chan's
+    # (count, mean, M2) of this program's valid rewards, merged on the host.
+    zero_std_groups = tl.sum(tl.where(group_live & zero_std, 1.0, 0.0).to(ACC), axis=0)
+    if SCALE == 2:
+        n_prog = tl.sum(group_count, axis=0)
+        mean_prog = tl.sum(group_sum, axis=0) / tl.maximum(n_prog, 1.0)
+        spread = group_mean - mean_prog
+        m2_prog = tl.sum(tl.where(group_count > 0, group_m2 + group_count * spread * spread, 0.0), axis=0)
+    else:
+        n_prog = tl.sum(tl.zeros((BLOCK_G,), dtype=ACC), axis=0)
+        mean_prog = n_prog
+        m2_prog = n_prog
+    out = partials + pid.to(tl.int64) * 4
+    tl.store(out + 0, n_prog)
+    tl.store(out + 1, mean_prog)
+    tl.store(out + 2, m2_prog)
+    tl.store(out + 3, zero_std_groups)
+
+
+# --------------------------------------------------------------------------------------
+# Launcher.
+# --------------------------------------------------------------------------------------
+
+
+def _segments(
+    batch: int, group_size: Optional[int], group_ids: Optional[Tensor], group_offsets: Optional[Tensor]
+) -> Tuple[int, Optional[Tensor], Optional[Tensor]]:
+    """``(G, offsets (G+1,) int64 or None, perm (B,) int64 or None)`` from one group description."""
+    if group_size is not None:
+        return batch // group_size, None, None
+    if group_offsets is not None:
+        return group_offsets.numel() - 1, group_offsets.to(torch.int64).contiguous(), None
+    # Stable, so members of a group keep their order (the kernel's sums then run in row order).
+    perm = torch.argsort(group_ids, stable=True)
+    _, sizes = torch.unique_consecutive(group_ids[perm], return_counts=True)  # host sync: G
+    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=group_ids.device)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    return sizes.numel(), offsets, perm
+
+
+def _block_shape(batch: int, num_groups: int, group_size: Optional[int]) -> Tuple[int, int, bool]:
+    """``(BLOCK_G, BLOCK_S, ONE_CHUNK)``: tile rows of one group each, sized from the typical group."""
+    if group_size is not None:
+        block_s = min(triton.next_power_of_2(group_size), MAX_BLOCK_S)
+        one_chunk = group_size <= block_s
+    else:
+        # Sizes vary and reading them would be a host sync: size the tile by the mean group.
+        mean_size = -(-batch // max(num_groups, 1))
+        block_s = min(max(triton.next_power_of_2(max(mean_size, 1)), MIN_BLOCK_S_VARIABLE), MAX_BLOCK_S)
+        one_chunk = False
+    block_g = max(1, TILE_ELEMENTS // block_s)
+    block_g = min(block_g, triton.next_power_of_2(max(num_groups, 1)))
+    return block_g, block_s, one_chunk
+
+
+def _merge_batch_std(partials: Tensor, ddof: int) -> Tensor:
+    """0-dim std of all valid rewards from per-program Chan partials ``(P, 4)`` (O(P) torch ops)."""
+    count, mean, m2 = partials[:, 0], partials[:, 1], partials[:, 2]
+    total = count.sum()
+    batch_mean = (count * mean).sum() / total
+    batch_m2 = (m2 + count * (mean - batch_mean) ** 2).sum()
+    return torch.sqrt(batch_m2 / (total - ddof))
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    group_offsets: Optional[Tensor] = None,
+    reward_weights: Optional[Tensor] = None,
+    keep_mask: Optional[Tensor] = None,
+    scale: str = "group",
+    unbiased: bool = True,
+    eps: float = 1e-4,
+) -> Tuple[Tensor, GroupStats]:
+    """Group-relative advantages with one Triton launch for the group statistics.
+
+    Same arguments and results as :func:`grpo_fused.reference.group_advantages`; inputs are
+    checked by :func:`grpo_fused.group_advantages`, this entry trusts them.
+
+    Args:
+        rewards: ``(B,)`` or ``(B, K)`` fp32 / bf16 / fp16 / fp64, any strides; NaN = unscored.
+        group_size: contiguous groups of this size (divides B), or
+        group_ids: ``(B,)`` integer labels in any order (stable argsort on the host), or
+        group_offsets: ``(G+1,)`` integer run boundaries from 0 to B (empty groups allowed).
+        reward_weights: ``(K,)`` weights of the K reward functions (2-D rewards only); default ones.
+        keep_mask: ``(B,)`` bool / int / float; zero leaves a reward out of the statistics.
+        scale: ``"group"`` (default), ``"batch"`` or ``"none"``.
+        unbiased: Bessel's correction (default True); False gives the 1/n std.
+        eps: added to the std before dividing (default 1e-4); a runtime scalar, never recompiles.
+
+    Returns:
+        ``(advantages (B,), GroupStats)``, floats in fp32 (fp64 for fp64 rewards), counts and
+        group index int64, ``zero_std`` bool. Extra torch work beyond the launch is listed in the
+        module docstring (a frac reduction; argsort for ``group_ids``; O(B) rescale for "batch").
+    """
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    device = rewards.device
+    acc_dtype = compute_dtype(rewards.dtype)
+    batch = rewards.shape[0]
+    rewards_2d = rewards if rewards.dim() == 2 else rewards.unsqueeze(1)
+    num_groups, offsets, perm = _segments(batch, group_size, group_ids, group_offsets)
+    block_g, block_s, one_chunk = _block_shape(batch, num_groups, group_size)
+    num_programs = triton.cdiv(num_groups, block_g)
+    ddof = 1 if unbiased else 0
+
+    advantages = torch.empty(batch, dtype=acc_dtype, device=device)
+    combined = torch.empty(batch, dtype=acc_dtype, device=device)
+    group_index = torch.empty(batch, dtype=torch.int64, device=device)
+    mean = torch.empty(num_groups, dtype=acc_dtype, device=device)
+    std = torch.empty(num_groups, dtype=acc_dtype, device=device)
+    count = torch.empty(num_groups, dtype=torch.int64, device=device)
+    zero_std = torch.empty(num_groups, dtype=torch.bool, device=device)
+    partials = torch.empty(num_programs, N_PARTIALS, dtype=acc_dtype, device=device)
+
+    if num_programs > 0:
+        _group_advantages_kernel[(num_programs,)](
+            rewards_2d, reward_weights, keep_mask, offsets, perm,
+            advantages, combined, group_index, mean, std, count, zero_std, partials,
+            num_groups, group_size if group_size is not None else 0, rewards_2d.shape[1],
+            rewards_2d.stride(0), rewards_2d.stride(1),
+            reward_weights.stride(0) if reward_weights is not None else 0,
+            keep_mask.stride(0) if keep_mask is not None else 0,
+            ddof, float(eps),
+            SCALE=SCALE_MODES[scale], ONE_CHUNK=one_chunk, BLOCK_G=block_g, BLOCK_S=block_s,
+        )
+
+    if scale == "batch":
+        advantages = advantages / (_merge_batch_std(partials, ddof) + eps)
+        advantages = torch.where(torch.isfinite(advantages), advantages, 0.0)
+    # G = 0 gives 0 / 0 = NaN, as the reference's mean over no groups.
+    frac_zero_std = partials[:, 3].sum() / num_groups
+    stats = GroupStats(
+        group_index=group_index,
+        mean=mean,
+        std=std,
+        count=count,
+        zero_std=zero_std,
+        frac_zero_std=frac_zero_std,
+        rewards=combined,
+    )
+    return advantages, stats
