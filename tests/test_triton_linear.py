@@ -1,0 +1,490 @@
+"""The fused linear path (chunked and tiled strategies) against the reference on materialized logits.
+
+Ground truth is :mod:`grpo_fused.reference` in float64 on the same (rounded) inputs. fp32
+kernels must match it to fp32 accuracy; bf16 kernels must be no worse than PyTorch's own bf16
+computation (bf16 GEMM, then the reference) plus a small margin.
+
+Shapes, under the CPU interpreter (tiles 16 x 64 x 16, two vocab splits, see
+``linear_tiled.default_config``): B=3, T=5 (N=15, not a multiple of BLOCK_N=16); H=40 (two full
+and one partial BLOCK_H slice); V=257 (four full vocab tiles and one 1-column tile, the two
+splits uneven). V=40 is smaller than one vocab tile. On CUDA the same tests run, plus larger shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grpo_fused as gf
+from grpo_fused import reference as R
+from grpo_fused.config import GRPOConfig
+
+from conftest import DEVICE
+
+pytest.importorskip("triton")
+
+from grpo_fused.kernels import linear_chunked, linear_tiled  # noqa: E402
+from grpo_fused.kernels.linear_grpo import linear_grpo_loss, linear_log_softmax, resolve_strategy  # noqa: E402
+
+STRATEGIES = ("chunked", "tiled")
+B, T, H, V = 3, 5, 40, 257
+N = B * T
+# chunk_size=4 splits N=15 into 4 chunks, the last one ragged (3 tokens).
+CHUNK = 4
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_linear(n, h, v, dtype, bias=True, seed=0, logit_scale=3.0):
+    """hidden (n, h), weight (v, h), bias (v,) with logits of std ~ logit_scale."""
+    g = _gen(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (logit_scale / h**0.5)
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    ids = torch.randint(0, v, (n,), generator=g)
+    to = dict(device=DEVICE, dtype=dtype)
+    return hidden.to(**to), weight.to(**to), None if b is None else b.to(**to), ids.to(DEVICE)
+
+
+def _grads(fn, hidden, weight, bias, seed=7, entropy_weight=True):
+    """Values of fn(hidden, weight, bias) -> (logps, entropy) and the gradients of a random
+    linear functional of them with respect to hidden, weight and bias."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    logps, entropy = fn(*leaves, *([None] if bias is None else []))
+    g = _gen(seed)
+    gl = torch.randn(logps.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    total = (logps.double() * gl).sum()
+    if entropy is not None and entropy_weight:
+        ge = torch.randn(entropy.shape, generator=g, dtype=torch.float64).to(DEVICE)
+        total = total + (entropy.double() * ge).sum()
+    grads = torch.autograd.grad(total, leaves)
+    return logps.detach(), None if entropy is None else entropy.detach(), grads
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _scale(t):
+    return max(1.0, t.double().abs().max().item())
+
+
+def _check(actual, truth, torch_dtype_result, dtype):
+    """Every tensor of ``actual`` is within the dtype's tolerance of ``truth`` (float64)."""
+    for name, a, e, p in zip(("logps", "entropy", "dhidden", "dweight", "dbias"), *map(_flatten, (actual, truth, torch_dtype_result))):
+        if e is None:
+            assert a is None, name
+            continue
+        assert torch.isfinite(a).all(), name
+        err = _max_err(a, e)
+        if dtype == torch.float32:
+            bound = 2.0 * _max_err(p, e) + 2e-5 * _scale(e)
+        elif dtype == torch.float64:
+            bound = 1e-5 * _scale(e)  # tiled computes fp64 inputs in fp32; chunked in fp64
+        else:  # bf16 / fp16: no worse than PyTorch itself in that dtype
+            bound = 2.0 * _max_err(p, e) + 1e-3 * _scale(e)
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def _flatten(result):
+    logps, entropy, grads = result
+    grads = list(grads) + [None] * (3 - len(grads))
+    return [logps, entropy] + grads
+
+
+def _reference(hidden, weight, bias, ids, temperature, compute_entropy, dtype=torch.float64):
+    def fn(h, w, b):
+        logits = torch.nn.functional.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+        return R.selective_log_softmax(logits, ids, temperature, compute_entropy)
+
+    return _grads(fn, hidden, weight, bias)
+
+
+def _fused(strategy, hidden, weight, bias, ids, temperature, compute_entropy, **kw):
+    def fn(h, w, b):
+        return linear_log_softmax(h, w, ids, temperature, b, compute_entropy, strategy, **kw)
+
+    return _grads(fn, hidden, weight, bias)
+
+
+# --------------------------------------------------------------------------------------
+# linear_log_softmax: values and gradients.
+# --------------------------------------------------------------------------------------
+
+# A covering subset: every dtype, bias on/off, temperature 1 / not 1, entropy on/off, each
+# at least once per strategy; fp64 runs through the chunked strategy at fp64 accuracy.
+LOG_SOFTMAX_CASES = [
+    (torch.float32, True, 1.0, True),
+    (torch.float32, False, 0.7, True),
+    (torch.float32, True, 1.6, False),
+    (torch.float64, True, 0.9, True),
+    (torch.bfloat16, True, 1.0, True),
+    (torch.float16, False, 1.2, True),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype,bias,temperature,entropy", LOG_SOFTMAX_CASES)
+def test_linear_log_softmax_matches_reference(strategy, dtype, bias, temperature, entropy):
+    hidden, weight, b, ids = make_linear(N, H, V, dtype, bias=bias, seed=1)
+    truth = _reference(hidden, weight, b, ids, temperature, entropy)
+    in_dtype = _reference(hidden, weight, b, ids, temperature, entropy, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else truth
+    got = _fused(strategy, hidden, weight, b, ids, temperature, entropy, **({"chunk_size": CHUNK} if strategy == "chunked" else {}))
+    _check(got, truth, in_dtype, dtype)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got[0].dtype == out_dtype and got[0].shape == (N,)
+    assert [g.dtype for g in got[2]] == [dtype] * len(got[2])
+
+
+def test_chunked_fp64_is_fp64_accurate():
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float64, seed=2)
+    truth = _reference(hidden, weight, b, ids, 0.8, True)
+    got = _fused("chunked", hidden, weight, b, ids, 0.8, True, chunk_size=CHUNK)
+    for a, e in zip(_flatten(got), _flatten(truth)):
+        assert _max_err(a, e) <= 1e-10 * _scale(e)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_vocab_smaller_than_one_tile_and_leading_dims(strategy):
+    # V=40 < BLOCK_V: every column lane past 40 is masked; hidden (B, T, H) keeps its leading dims.
+    hidden, weight, b, ids = make_linear(N, H, 40, torch.float32, seed=3)
+    hidden, ids = hidden.view(B, T, H), ids.view(B, T)
+    truth = _reference(hidden, weight, b, ids, 1.0, True)
+    got = _fused(strategy, hidden, weight, b, ids, 1.0, True)
+    assert got[0].shape == (B, T) and got[1].shape == (B, T)
+    _check(got, truth, truth, torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_masked_vocab_minus_inf_bias(strategy):
+    # Half the vocab masked with a -inf bias, never a target; one row can reach only its target
+    # (all its other logits -inf through the mask: logp 0, entropy 0). V=257 so -inf columns fall
+    # in every tile, and the 1-column last tile is fully -inf (online-lse NaN trap).
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=4)
+    masked = torch.zeros(V, dtype=torch.bool, device=DEVICE)
+    masked[1::2] = True
+    masked[V - 1] = True
+    ids = torch.where(masked[ids], (ids // 2) * 2, ids)
+    ids[0] = 0
+    bias = b.masked_fill(masked, float("-inf"))
+    got = _fused(strategy, hidden, weight, bias, ids, 1.0, True, **({"chunk_size": CHUNK} if strategy == "chunked" else {}))
+    # The reference's entropy gradient is NaN on -inf columns (0 * -inf); compare logps' gradients
+    # there, and the entropy values.
+    ref_lp = _grads(lambda h, w, bb: (R.linear_log_softmax(h.double(), w.double(), ids, 1.0, bb.double())[0], None),
+                    hidden, weight, bias)
+    ours_lp = _grads(lambda h, w, bb: (linear_log_softmax(h, w, ids, 1.0, bb, False, strategy)[0], None),
+                     hidden, weight, bias)
+    ref_ent = R.linear_log_softmax(hidden.double(), weight.double(), ids, 1.0, bias.double(), True)[1]
+    for a, e in zip(_flatten(ours_lp), _flatten(ref_lp)):
+        if e is not None:
+            # The bias gradient is 0 (not NaN) on masked columns, both here and in the reference.
+            assert _max_err(a, e) <= 2e-5 * _scale(e)
+    assert _max_err(got[1], ref_ent) <= 2e-5 * _scale(ref_ent)
+    for t in _flatten(got):
+        assert torch.isfinite(t).all()
+    assert (got[2][2][masked] == 0).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_only_target_reachable(strategy):
+    # Every logit -inf but the target's (a -inf bias elsewhere): logp = 0 and entropy = 0
+    # exactly, and a zero gradient, with no NaN from the all -inf tiles.
+    hidden, weight, _, _ = make_linear(N, H, V, torch.float32, seed=5)
+    ids = torch.full((N,), 130, device=DEVICE)
+    bias = torch.full((V,), float("-inf"), device=DEVICE)
+    bias[130] = 0.0
+    logps, entropy, grads = _fused(strategy, hidden, weight, bias, ids, 1.0, True)
+    assert (logps == 0).all() and (entropy == 0).all()
+    for g in grads:
+        assert (g == 0).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_large_logits(strategy):
+    # Logits of magnitude ~300: exp overflows unless the max is subtracted.
+    # entropy = lse - sum p z cancels two numbers ~300 in size: the bound is PyTorch's own fp32 error.
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=6, logit_scale=100.0)
+    truth = _reference(hidden, weight, b, ids, 1.0, True)
+    in_fp32 = _reference(hidden, weight, b, ids, 1.0, True, dtype=torch.float32)
+    got = _fused(strategy, hidden, weight, b, ids, 1.0, True)
+    _check(got, truth, in_fp32, torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_contiguous_inputs_and_int32_ids(strategy):
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=8)
+    # hidden as a strided view (every other column of a wider buffer), weight transposed storage.
+    wide = torch.zeros(N, 2 * H, device=DEVICE)
+    wide[:, ::2] = hidden
+    hidden_nc = wide[:, ::2]
+    weight_nc = weight.t().contiguous().t()
+    assert not hidden_nc.is_contiguous() and not weight_nc.is_contiguous()
+    truth = _reference(hidden, weight, b, ids, 1.0, True)
+    got = _fused(strategy, hidden_nc, weight_nc, b, ids.to(torch.int32), 1.0, True)
+    _check(got, truth, truth, torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_inputs_not_modified(strategy):
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=9)
+    copies = [t.clone() for t in (hidden, weight, b, ids)]
+    _fused(strategy, hidden, weight, b, ids, 0.9, True)
+    for t, c in zip((hidden, weight, b, ids), copies):
+        assert torch.equal(t, c)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradient_of_logps_only_and_entropy_only(strategy):
+    # Backward with one of the two output gradients absent (None inside the Function).
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=10)
+    for pick in (0, 1):
+        def ref_fn(h, w, bb):
+            out = R.linear_log_softmax(h.double(), w.double(), ids, 1.0, bb.double(), True)
+            return out[pick], None
+
+        def fused_fn(h, w, bb):
+            out = linear_log_softmax(h, w, ids, 1.0, bb, True, strategy)
+            return out[pick], None
+
+        truth = _grads(ref_fn, hidden, weight, b)
+        got = _grads(fused_fn, hidden, weight, b)
+        for a, e in zip(_flatten(got), _flatten(truth)):
+            if e is not None:
+                assert _max_err(a, e) <= 2e-5 * _scale(e)
+
+
+def test_tiled_vocab_splits_merge():
+    # The forward merges per-split partials; 1, 3 and 5 (= one tile each) splits agree with the truth.
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=11)
+    truth = R.linear_log_softmax(hidden.double(), weight.double(), ids, 1.0, b.double(), True)
+    for splits in (1, 3, 5):
+        cfg = linear_tiled.TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=splits, num_warps=4)
+        logps, lse, entropy = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, 1.0, True, cfg)
+        assert _max_err(logps, truth[0]) <= 2e-5 * _scale(truth[0])
+        assert _max_err(entropy, truth[1]) <= 2e-5 * _scale(truth[1])
+
+
+def test_tiled_gradient_filtering():
+    # Peaked softmax (logit std 12): most tiles hold no probability mass above 2**-12.
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=12, logit_scale=12.0)
+    exact = _fused("tiled", hidden, weight, b, ids, 1.0, True)
+    # Default threshold: an approximation, but within bf16 resolution of the exact gradient.
+    filtered = _fused("tiled", hidden, weight, b, ids, 1.0, True, filter_eps=linear_tiled.DEFAULT_FILTER_EPS)
+    assert torch.equal(filtered[0], exact[0])
+    for a, e in zip(filtered[2], exact[2]):
+        assert _max_err(a, e) <= 2**-8 * _scale(e)
+    # A threshold above any probability skips every tile without a target: those weight rows
+    # get exactly zero gradient, the tiles holding a target keep their exact gradient.
+    everything = _fused("tiled", hidden, weight, b, ids, 1.0, True, filter_eps=2.0)
+    cfg = linear_tiled.default_config(hidden.device)
+    has_target = torch.zeros(triton_cdiv(V, cfg.block_v), dtype=torch.bool, device=DEVICE)
+    if N <= cfg.block_n:  # one token block: a tile is kept iff it holds some row's target
+        has_target[ids // cfg.block_v] = True
+        kept_rows = has_target.repeat_interleave(cfg.block_v)[:V]
+        dweight, dweight_exact = everything[2][1], exact[2][1]
+        assert (dweight[~kept_rows] == 0).all()
+        assert _max_err(dweight[kept_rows], dweight_exact[kept_rows]) <= 2e-5 * _scale(dweight_exact)
+        assert (~kept_rows).any() and (dweight_exact[~kept_rows] != 0).any()
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_chunk_rows_from_shapes():
+    # Qwen2.5-7B head in bf16, N = 16k: ceil(V / H) = 43 chunks of ceil(16384 / 43) = 382 tokens,
+    # rounded down to a multiple of 16.
+    assert linear_chunked.chunk_rows(16384, 151936, 3584, 2) == 368
+    # N = 128k: 3049 tokens by the hidden size, capped at 256 MiB of logits = 883 tokens -> 880.
+    assert linear_chunked.chunk_rows(131072, 151936, 3584, 2) == 880
+    # Few tokens: at least 16, at most N.
+    assert linear_chunked.chunk_rows(10, 257, 40, 4) == 10
+    assert linear_chunked.chunk_rows(100, 257, 40, 4) == 16
+
+
+def test_resolve_strategy():
+    assert resolve_strategy("auto") == "chunked"
+    assert resolve_strategy("tiled") == "tiled"
+    with pytest.raises(ValueError, match="strategy"):
+        resolve_strategy("dense")
+
+
+# --------------------------------------------------------------------------------------
+# linear_grpo_loss over the option matrix.
+# --------------------------------------------------------------------------------------
+
+# A covering subset of the option matrix: every loss type, both IS levels (sequence level with
+# clip and geometric-mean surrogates), every KL estimator, bias correction on/off, delta,
+# dual-clip, entropy bonus on/off, temperature, every verl aggregation mode, is_weights,
+# num_items_in_batch, the three advantage shapes and the on-policy case (old_logps None).
+GRPO_CASES = [
+    (dict(loss_type="dapo"), dict(adv="B")),
+    (dict(loss_type="grpo", beta=0.04, temperature=0.7), dict(adv="B1", old=False)),
+    (dict(loss_type="bnpo", delta=1.1, epsilon_high=0.28), dict(adv="BT")),
+    (dict(loss_type="dr_grpo", clip_ratio_c=1.5, max_completion_length=8), dict(adv="B")),
+    (dict(loss_type="luspo", importance_sampling_level="sequence"), dict(adv="B1", is_weights="BT")),
+    (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1, kl_estimator="low_var_kl",
+          entropy_coef=0.01), dict(adv="BT")),
+    (dict(loss_type="cispo", epsilon_high=1.05, beta=0.02, kl_estimator="k1", use_bias_correction_kl=False),
+     dict(adv="B", num_items=40)),
+    (dict(loss_type="cispo", cispo_two_sided=True, temperature=1.3), dict(adv="B1")),
+    (dict(loss_type="sapo", entropy_coef=0.05), dict(adv="B", is_weights="B")),
+    (dict(loss_type="gmpo", beta=0.05, kl_estimator="k2"), dict(adv="B", is_weights="BT")),
+    (dict(loss_type="gpg", beta=0.01, kl_estimator="abs"), dict(adv="BT")),
+    (dict(loss_type="dapo", loss_agg_mode="token-mean", dp_size=2), dict(adv="B", num_items=30)),
+    (dict(loss_type="dapo", loss_agg_mode="seq-mean-token-sum", compute_entropy=False), dict(adv="B1", global_bs=4)),
+    (dict(loss_type="grpo", loss_agg_mode="seq-mean-token-mean", importance_sampling_level="sequence"), dict(adv="B")),
+    (dict(loss_type="dapo", loss_agg_mode="seq-mean-token-sum-norm", max_completion_length=6), dict(adv="B")),
+]
+
+
+def make_loss_inputs(dtype, seed, opts, temperature, bias=True):
+    hidden, weight, b, ids = make_linear(N, H, V, dtype, bias=bias, seed=seed)
+    g = _gen(seed + 100)
+    hidden, ids = hidden.view(B, T, H), ids.view(B, T)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False  # a sequence with no masked-in token
+    mask[0, 0] = True
+    adv_shape = {"B": (B,), "B1": (B, 1), "BT": (B, T)}[opts.get("adv", "B")]
+    advantages = torch.randn(adv_shape, generator=g)
+    # Old / ref log-probs near the current ones, so ratios straddle the clip range.
+    current = R.linear_log_softmax(hidden.double(), weight.double(), ids, temperature, None if b is None else b.double())[0]
+    old = (current.cpu() + 0.25 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (current.cpu() + 0.25 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    is_weights = None
+    if opts.get("is_weights"):
+        is_weights = torch.rand({"B": (B,), "BT": (B, T)}[opts["is_weights"]], generator=g) + 0.5
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return dict(
+        hidden=hidden, weight=weight, bias=b, completion_ids=ids, advantages=dev(advantages),
+        completion_mask=dev(mask), old_logps=dev(old) if opts.get("old", True) else None, ref_logps=dev(ref),
+        is_weights=dev(is_weights), num_items_in_batch=opts.get("num_items"), global_batch_size=opts.get("global_bs"),
+    )
+
+
+def _loss_and_grads(fn, inputs, dtype=None):
+    """(GRPOOutput, grads of the loss w.r.t. hidden, weight, bias) with the leaves cast to dtype."""
+    leaves = {k: inputs[k].detach().clone().to(dtype or inputs[k].dtype).requires_grad_()
+              for k in ("hidden", "weight", "bias") if inputs[k] is not None}
+    out = fn(**{**inputs, **leaves})
+    grads = torch.autograd.grad(out.loss, list(leaves.values()))
+    return out, grads
+
+
+def _compare_outputs(got, truth, tol):
+    out, grads = got
+    ref_out, ref_grads = truth
+    assert set(out.metrics) == set(ref_out.metrics)
+    pairs = [("loss", out.loss, ref_out.loss), ("logps", out.logps, ref_out.logps)]
+    pairs += [(f"metric {k}", out.metrics[k], ref_out.metrics[k]) for k in ref_out.metrics]
+    pairs += [(f"grad {i}", g, r) for i, (g, r) in enumerate(zip(grads, ref_grads))]
+    if ref_out.entropy is None:
+        assert out.entropy is None
+    else:
+        pairs.append(("entropy", out.entropy, ref_out.entropy))
+    for name, a, e in pairs:
+        assert torch.isfinite(a).all(), name
+        err = _max_err(a, e)
+        assert err <= tol * _scale(e), f"{name}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", range(len(GRPO_CASES)))
+def test_linear_grpo_loss_option_matrix(strategy, case):
+    cfg_kwargs, opts = GRPO_CASES[case]
+    config = GRPOConfig(**cfg_kwargs)
+    inputs = make_loss_inputs(torch.float32, seed=20 + case, opts=opts, temperature=config.temperature, bias=case % 2 == 0)
+    truth = _loss_and_grads(lambda **kw: R.linear_grpo_loss(config=config, **kw), inputs, torch.float64)
+    got = _loss_and_grads(lambda **kw: linear_grpo_loss(config=config, strategy=strategy, **kw), inputs)
+    _compare_outputs(got, truth, 5e-5)
+    # The hidden states' gradient is zero on the fully masked sequence, except where the
+    # sequence-level terms or the entropy bonus reach it through other sequences (they do not).
+    assert (got[1][0][1] == 0).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_linear_grpo_loss_bf16(strategy):
+    config = GRPOConfig(loss_type="grpo", beta=0.04, importance_sampling_level="sequence", entropy_coef=0.01)
+    inputs = make_loss_inputs(torch.bfloat16, seed=40, opts=dict(adv="B"), temperature=1.0)
+    truth = _loss_and_grads(lambda **kw: R.linear_grpo_loss(config=config, **kw), inputs, torch.float64)
+    torch_bf16 = _loss_and_grads(
+        lambda **kw: R.grpo_loss(torch.nn.functional.linear(kw.pop("hidden"), kw.pop("weight"), kw.pop("bias")),
+                                 config=config, **kw),
+        inputs,
+    )
+    got = _loss_and_grads(lambda **kw: linear_grpo_loss(config=config, strategy=strategy, **kw), inputs)
+    assert got[0].logps.dtype == torch.float32 and [g.dtype for g in got[1]] == [torch.bfloat16] * 3
+    for a, e, p in [(got[0].loss, truth[0].loss, torch_bf16[0].loss), (got[0].logps, truth[0].logps, torch_bf16[0].logps)] + list(
+        zip(got[1], truth[1], torch_bf16[1])
+    ):
+        assert _max_err(a, e) <= 2.0 * _max_err(p, e) + 1e-3 * _scale(e)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_all_masked_batch(strategy):
+    inputs = make_loss_inputs(torch.float32, seed=41, opts=dict(adv="B"), temperature=1.0)
+    inputs["completion_mask"] = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    out, grads = _loss_and_grads(lambda **kw: linear_grpo_loss(config=GRPOConfig(beta=0.04), strategy=strategy, **kw), inputs)
+    assert out.loss.item() == 0.0
+    for g in grads:
+        assert (g == 0).all()
+
+
+# --------------------------------------------------------------------------------------
+# Through the public API and the module.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ("auto", "chunked", "tiled"))
+def test_public_api_backend_triton(strategy):
+    config = GRPOConfig(loss_type="dapo", beta=0.04, epsilon_high=0.28)
+    inputs = make_loss_inputs(torch.float32, seed=50, opts=dict(adv="B"), temperature=1.0)
+    truth = _loss_and_grads(lambda **kw: R.linear_grpo_loss(config=config, **kw), inputs, torch.float64)
+    got = _loss_and_grads(lambda **kw: gf.linear_grpo_loss(config=config, strategy=strategy, backend="triton", **kw), inputs)
+    _compare_outputs(got, truth, 5e-5)
+    module = gf.LinearGRPOLoss(config, strategy=strategy, backend="triton")
+    args = {k: v for k, v in inputs.items() if k not in ("hidden", "weight", "completion_ids", "advantages")}
+    by_module = module(inputs["hidden"], inputs["weight"], inputs["completion_ids"], inputs["advantages"], **args)
+    assert _max_err(by_module.loss, truth[0].loss) <= 5e-5 * _scale(truth[0].loss)
+
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=51)
+    logps, entropy = gf.linear_log_softmax(hidden, weight, ids, 0.8, bias=b, compute_entropy=True,
+                                           strategy=strategy, backend="triton")
+    ref_logps, ref_entropy = R.linear_log_softmax(hidden.double(), weight.double(), ids, 0.8, b.double(), True)
+    assert _max_err(logps, ref_logps) <= 2e-5 * _scale(ref_logps)
+    assert _max_err(entropy, ref_entropy) <= 2e-5 * _scale(ref_entropy)
+
+
+def test_public_api_bad_inputs():
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=52)
+    hidden, ids = hidden.view(B, T, H), ids.view(B, T)
+    adv = torch.randn(B, device=DEVICE)
+    with pytest.raises(ValueError, match="strategy"):
+        gf.linear_grpo_loss(hidden, weight, ids, adv, strategy="dense", backend="triton")
+    with pytest.raises(ValueError, match="strategy"):
+        gf.linear_log_softmax(hidden, weight, ids, strategy="dense", backend="triton")
+    with pytest.raises(ValueError, match="weight"):
+        gf.linear_grpo_loss(hidden, weight[:, :-1], ids, adv, backend="triton")
+    with pytest.raises(ValueError, match="bias"):
+        gf.linear_log_softmax(hidden, weight, ids, bias=b[:-1], backend="triton")
+    with pytest.raises(ValueError, match="completion_ids"):
+        gf.linear_grpo_loss(hidden, weight, ids.masked_fill(ids == ids[0, 0], V), adv, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# CUDA only: realistic shapes.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="larger shapes need a CUDA GPU (interpreter too slow)")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cuda_larger_shapes(strategy, dtype):
+    # V = 32001: a ragged last tile at every block size; N = 1031 tokens: ragged token blocks and chunks.
+    hidden, weight, b, ids = make_linear(1031, 512, 32001, dtype, seed=60)
+    truth = _reference(hidden, weight, b, ids, 0.9, True)
+    in_dtype = _reference(hidden, weight, b, ids, 0.9, True, dtype=dtype) if dtype != torch.float32 else truth
+    got = _fused(strategy, hidden, weight, b, ids, 0.9, True)
+    _check(got, truth, in_dtype, dtype)
