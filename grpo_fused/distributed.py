@@ -1,0 +1,926 @@
+"""Past one GPU: data-parallel normalizers and vocab-parallel losses on ``torch.distributed``.
+
+Two independent tools, usable together (a DP group and a TP group in Megatron terms):
+
+**Data parallel** (DDP, FSDP, DeepSpeed ZeRO; TRL through accelerate, verl's FSDP workers).
+Each rank holds its own slice of the batch and the gradients are averaged (or summed) over
+ranks. :func:`dp_normalizers` returns, with one all-reduce of a few numbers per rank, the
+``num_items_in_batch`` / ``global_batch_size`` to pass to any grpo-fused loss and the factor
+``scale`` to multiply its loss by, such that the averaged gradient equals the gradient of the
+single-process loss on the concatenated batch. :func:`global_token_count` is the bare token
+count (TRL's ``num_items_in_batch``).
+
+**Vocab parallel** (Megatron-style column-parallel lm_head). Each rank of ``process_group`` holds
+a contiguous slice of the vocabulary: logits ``(..., V_r)`` or lm_head weight ``(V_r, H)``.
+Each rank runs the vocab pass on its shard and the ranks exchange a few floats per token (local
+max with a MAX all-reduce, then rescaled sum-exp, target logit and entropy partial with one SUM
+all-reduce), never logits. Backward writes each rank's own ``dlogits`` (or ``dweight`` /
+``dbias`` shard) with no communication; the linear path's ``dhidden`` is a sum over vocab
+shards and takes one all-reduce of an ``(N, H)`` tensor, as a column-parallel lm_head does.
+:func:`vocab_parallel_grpo_loss` and :func:`vocab_parallel_linear_grpo_loss` then apply
+:func:`grpo_fused.reference.grpo_loss_from_logps` to the ``(B, T)`` log-probs: same options,
+same semantics, same :class:`~grpo_fused.reference.GRPOOutput` as :func:`grpo_fused.grpo_loss`.
+
+Every function also runs without an initialized process group (``process_group=None``): it is
+then the single-process computation, which keeps one code path for 1 and for many GPUs.
+
+The per-shard vocab pass (:func:`shard_vocab_partials` / :func:`shard_vocab_grad`) is plain
+PyTorch in fp32 (fp64 for fp64 inputs); it is one small function each way so that a fused
+kernel can replace it without touching the communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _validation as v
+from .config import GRPOConfig
+from .reference import GRPOOutput, compute_dtype, grpo_loss_from_logps
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "DPNormalizers",
+    "dp_normalizers",
+    "global_token_count",
+    "shard_vocab_partials",
+    "shard_vocab_grad",
+    "vocab_parallel_selective_log_softmax",
+    "vocab_parallel_linear_log_softmax",
+    "vocab_parallel_grpo_loss",
+    "vocab_parallel_linear_grpo_loss",
+]
+
+# Token chunk of the linear path: the (chunk, V_r) fp32 logits tile is at most this many elements.
+_LINEAR_CHUNK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------
+# Process-group plumbing.
+# --------------------------------------------------------------------------------------
+
+
+def _collective_device(process_group, *candidates) -> torch.device:
+    """Where a small exchange tensor must live: with the inputs, or where the backend wants it."""
+    for t in candidates:
+        if isinstance(t, Tensor):
+            return t.device
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _world(process_group) -> Tuple[int, int]:
+    """``(world_size, rank)`` of ``process_group``; ``(1, 0)`` when torch.distributed is not running."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        return 1, 0
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+def _all_reduce(t: Tensor, op, process_group, world_size: int) -> Tensor:
+    if world_size > 1:
+        dist.all_reduce(t, op=op, group=process_group)
+    return t
+
+
+def _gather_rows(row: Tensor, process_group, world_size: int, rank: int) -> Tensor:
+    """All-gather of a small float64 vector as one SUM all-reduce: ``(k,) -> (world_size, k)``.
+
+    A SUM of a zero table with one filled row per rank works on every backend (gloo, NCCL)
+    and needs no list of output tensors.
+    """
+    table = torch.zeros(world_size, row.numel(), dtype=torch.float64, device=row.device)
+    table[rank] = row.to(torch.float64)
+    return _all_reduce(table, dist.ReduceOp.SUM, process_group, world_size)
+
+
+# --------------------------------------------------------------------------------------
+# Data parallel: normalizers that make the DP gradient equal the single-process one.
+# --------------------------------------------------------------------------------------
+
+_TOKEN_SUM_TYPES = ("dapo", "cispo", "gpg")  # sum / num_items_in_batch
+_SEQUENCE_MEAN_TYPES = ("grpo", "sapo", "gmpo", "luspo")  # mean over sequences
+GRADIENT_REDUCTIONS = ("mean", "sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPNormalizers:
+    """What one data-parallel rank passes to a loss call, and the factor it scales the loss by.
+
+    Use: ``out = loss_fn(..., num_items_in_batch=n.num_items_in_batch,
+    global_batch_size=n.global_batch_size); (n.scale * out.loss).backward()``.
+
+    Attributes:
+        num_items_in_batch: 0-dim tensor for the loss types that take it (``dapo``, ``cispo``,
+            ``gpg``, verl ``token-mean``), else None.
+        global_batch_size: 0-dim tensor for verl's ``seq-mean-*`` modes, else None.
+        scale: 0-dim tensor; backpropagate ``scale * loss``.
+        global_tokens: 0-dim, the masked-in token count over all ranks (and micro-batches).
+        global_sequences: 0-dim, the sequence count over all ranks (and micro-batches).
+        world_size: the number of ranks in the process group.
+    """
+
+    num_items_in_batch: Optional[Tensor]
+    global_batch_size: Optional[Tensor]
+    scale: Tensor
+    global_tokens: Tensor
+    global_sequences: Tensor
+    world_size: int
+
+
+def _check_masks(name: str, masks) -> List[Tensor]:
+    single = isinstance(masks, Tensor)
+    masks = [masks] if single else list(masks) if isinstance(masks, (list, tuple)) else None
+    if not masks:
+        raise TypeError(f"{name} must be a (B, T) tensor or a non-empty list of them (one per micro-batch)")
+    for i, m in enumerate(masks):
+        label = name if single else f"{name}[{i}]"
+        v.check_tensor(label, m, ndim=(2,), kind="mask")
+        v.check_same_device(name if single else f"{name}[0]", masks[0], **{label: m})
+    return masks
+
+
+def global_token_count(
+    completion_mask: Union[Tensor, Sequence[Tensor]],
+    process_group=None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The masked-in token count summed over the ranks of ``process_group``: one all-reduce.
+
+    Args:
+        completion_mask: this rank's ``(B, T)`` loss mask (bool / int / float), or a list of
+            them, one per gradient-accumulation micro-batch (all are counted).
+        process_group: the data-parallel group; None means the default group (or a single
+            process when torch.distributed is not initialized).
+        dtype: dtype of the returned count (float32 is exact up to 2**24 tokens, then within 6e-8).
+
+    Returns:
+        0-dim tensor on the mask's device: TRL's ``num_items_in_batch``.
+    """
+    masks = _check_masks("completion_mask", completion_mask)
+    world_size, _ = _world(process_group)
+    count = torch.stack([m.to(torch.float64).sum() for m in masks]).sum()
+    return _all_reduce(count, dist.ReduceOp.SUM, process_group, world_size).to(dtype)
+
+
+def dp_normalizers(
+    completion_mask: Union[Tensor, Sequence[Tensor]],
+    config: Optional[GRPOConfig] = None,
+    process_group=None,
+    *,
+    gradient_reduction: str = "mean",
+    dtype: torch.dtype = torch.float32,
+) -> Union[DPNormalizers, List[DPNormalizers]]:
+    """Normalizers that make data-parallel training equal the single-process loss; one all-reduce.
+
+    Write ``L`` for the loss of the whole batch (every rank's sequences concatenated, padded
+    to the longest T) computed in one process, and ``L_k`` for the loss a rank computes on
+    its micro-batch ``k`` with the returned ``num_items_in_batch`` / ``global_batch_size``.
+    With ``gradient_reduction="mean"`` (DDP, FSDP and DeepSpeed average gradients over the
+    ``R`` ranks), ``sum over ranks and micro-batches of scale_k * L_k`` equals ``R * L``, so
+    the averaged gradient of ``scale_k * L_k`` is the gradient of ``L``; with ``"sum"``
+    (gradients summed over ranks) it equals ``L``. Call it once per optimizer step with the
+    masks of every micro-batch of this rank (gradient accumulation sums micro-batch
+    gradients). ``N`` is the global masked-in token count, ``S`` the global sequence count,
+    ``N_k``, ``B_k``, ``T_k`` the micro-batch's, ``g`` = R for "mean" and 1 for "sum":
+
+    - ``dapo``, ``cispo``, ``gpg`` (``sum l*m / num_items_in_batch``): ``num_items_in_batch
+      = N`` (TRL's global count; TRL divides it by the number of processes, which is the same
+      as ``scale = g``), ``scale = g``.
+    - ``bnpo`` (local token mean, takes no normalizer): ``scale = g * N_k / N``.
+    - ``grpo``, ``sapo``, ``gmpo``, ``luspo`` (means over sequences): ``scale = g * B_k / S``,
+      which is 1 under DDP when every rank holds the same number of sequences.
+    - ``dr_grpo`` (``sum / (B * L)``, L = ``max_completion_length`` or the mask's T):
+      ``scale = g * B_k * L_k / (S * L)``; leave ``max_completion_length`` unset only if
+      the single-process T would be the longest T of any rank (it is taken as that).
+    - verl ``loss_agg_mode`` (with ``config.dp_size``, verl's convention is ``dp_size = R``):
+      ``token-mean``: ``num_items_in_batch = N``, ``scale = g / dp_size``; ``seq-mean-*``:
+      ``scale = g / dp_size`` and the ``global_batch_size`` that the reference's
+      ``seq_losses.sum() / (global_batch_size * dp_size)`` needs for the global mean over
+      ``S`` sequences (for ``gmpo`` the scale is the sequence one and the normalizers follow).
+
+    Every normalizer is clamped to at least one token (a batch with no masked-in token gives
+    loss 0 and zero gradients). The KL term is reduced like the policy term, so it is exact
+    too. The entropy bonus (``entropy_coef != 0``) is a masked mean over the local tokens in
+    the reference; it is exact for ``bnpo`` and, for the other types, when every micro-batch
+    holds ``N / (R * micro-batches)`` tokens. Metrics are local to the rank.
+
+    Args:
+        completion_mask: this rank's ``(B, T)`` loss mask, or a list of them, one per
+            gradient-accumulation micro-batch.
+        config: the :class:`GRPOConfig` of the loss; None means ``GRPOConfig()``.
+        process_group: the data-parallel group; None means the default group (or a single
+            process when torch.distributed is not initialized).
+        gradient_reduction: ``"mean"`` (DDP / FSDP / DeepSpeed, default) or ``"sum"``.
+        dtype: dtype of the returned tensors (float32 by default; float64 for fp64 losses).
+
+    Returns:
+        A :class:`DPNormalizers`, or a list of them (one per micro-batch) when a list of masks
+        was given.
+    """
+    config = v.check_config(config)
+    masks = _check_masks("completion_mask", completion_mask)
+    if gradient_reduction not in GRADIENT_REDUCTIONS:
+        raise ValueError(f"gradient_reduction must be one of {GRADIENT_REDUCTIONS}, got {gradient_reduction!r}")
+    world_size, rank = _world(process_group)
+    device = masks[0].device
+    f64 = dict(dtype=torch.float64, device=device)
+
+    local_tokens = [m.to(torch.float64).sum() for m in masks]
+    local_row = torch.stack(
+        [
+            torch.stack(local_tokens).sum(),
+            torch.tensor(float(sum(m.shape[0] for m in masks)), **f64),
+            torch.tensor(float(max(m.shape[1] for m in masks)), **f64),
+        ]
+    )
+    table = _gather_rows(local_row, process_group, world_size, rank)  # (R, 3)
+    tokens, sequences, longest = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].max()
+
+    g = float(world_size if gradient_reduction == "mean" else 1)
+    dp = float(config.dp_size)
+    tokens_1 = tokens.clamp(min=1.0)
+    fixed_length = config.max_completion_length
+
+    out = []
+    for mask, mask_tokens in zip(masks, local_tokens):
+        batch, length = mask.shape
+        n = gbs = None
+        if config.loss_agg_mode is None:
+            lt = config.loss_type
+            if lt in _TOKEN_SUM_TYPES:
+                scale, n = torch.tensor(g, **f64), tokens_1
+            elif lt == "bnpo":
+                scale = g * mask_tokens.clamp(min=1.0) / tokens_1
+            elif lt in _SEQUENCE_MEAN_TYPES:
+                scale = g * batch / sequences
+            elif lt == "dr_grpo":
+                if fixed_length is None:
+                    scale = g * batch * length / (sequences * longest)
+                else:
+                    scale = g * batch / sequences
+            else:  # pragma: no cover - GRPOConfig rejects unknown loss types
+                raise ValueError(f"loss_type {lt!r} has no data-parallel normalizer")
+        else:
+            # gmpo's policy term is a plain mean over the local sequences whatever the mode,
+            # which fixes the scale; the mode's normalizers then follow from it.
+            if config.loss_type == "gmpo":
+                scale = g * batch / sequences
+            else:
+                scale = torch.tensor(g / dp, **f64)
+            mode = config.loss_agg_mode
+            if mode == "token-mean":
+                # reference: sum / max(n, 1) * dp  ->  scale * that = g * sum / N
+                n = scale * dp * tokens_1 / g
+            else:
+                # reference: seq_sum / (gbs * dp)  ->  scale * that = g * seq_sum / S;
+                # the sum-norm mode divides by the local T when max_completion_length is unset.
+                gbs = scale * sequences / (g * dp)
+                if mode == "seq-mean-token-sum-norm" and fixed_length is None:
+                    gbs = gbs * longest / length
+        out.append(
+            DPNormalizers(
+                num_items_in_batch=None if n is None else n.to(dtype),
+                global_batch_size=None if gbs is None else gbs.to(dtype),
+                scale=scale.to(dtype),
+                global_tokens=tokens.to(dtype),
+                global_sequences=sequences.to(dtype),
+                world_size=world_size,
+            )
+        )
+    return out[0] if isinstance(completion_mask, Tensor) else out
+
+
+# --------------------------------------------------------------------------------------
+# Vocab parallel: the per-shard pass (replaceable by a fused kernel).
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ShardPartials:
+    """Per-token partials of one vocab shard, ``(n,)`` each, in the compute dtype.
+
+    Attributes:
+        max: max of the shard's ``z = logits / temperature`` (-inf for an all -inf row).
+        sumexp: ``sum exp(z - max)`` (``max`` taken as 0 for an all -inf row, so 0 there).
+        target: ``z[id]`` when the id falls in the shard, else 0.
+        sum_exp_shifted_z: ``sum exp(z - max) * (z - max)`` (entropy), or None.
+    """
+
+    max: Tensor
+    sumexp: Tensor
+    target: Tensor
+    sum_exp_shifted_z: Optional[Tensor]
+
+
+def _shard_z(logits_shard: Tensor, temperature: float) -> Tensor:
+    return logits_shard.to(compute_dtype(logits_shard.dtype)) / temperature
+
+
+def _local_target(local_ids: Tensor, vocab_shard: int) -> Tuple[Tensor, Tensor]:
+    """``(clamped column, in_shard)``: a gather index that is always valid, and whether it is real."""
+    in_shard = (local_ids >= 0) & (local_ids < vocab_shard)
+    return local_ids.clamp(0, vocab_shard - 1), in_shard
+
+
+def shard_vocab_partials(
+    logits_shard: Tensor, local_ids: Tensor, temperature: float, compute_entropy: bool
+) -> ShardPartials:
+    """The vocab pass over one shard.
+
+    Args:
+        logits_shard: ``(n, V_r)`` float, this rank's vocab columns.
+        local_ids: ``(n,)`` int64, ``id - vocab_start`` (outside ``[0, V_r)`` when the id is
+            in another rank's shard).
+        temperature: > 0, divides the logits.
+        compute_entropy: also return the entropy partial.
+    """
+    z = _shard_z(logits_shard, temperature)  # (n, V_r)
+    row_max = z.amax(dim=-1)
+    # An all -inf row (masked vocab) would give exp(-inf - -inf) = NaN; shift it by 0 instead.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    zs = z - shift.unsqueeze(-1)
+    e = torch.exp(zs)
+    column, in_shard = _local_target(local_ids, z.shape[-1])
+    target = z.gather(-1, column.unsqueeze(-1)).squeeze(-1)
+    target = torch.where(in_shard, target, torch.zeros_like(target))
+    weighted = None
+    if compute_entropy:
+        # 0 * -inf on masked columns is NaN; their contribution is 0.
+        weighted = torch.where(e > 0, e * zs, torch.zeros_like(zs)).sum(-1)
+    return ShardPartials(row_max, e.sum(-1), target, weighted)
+
+
+def shard_vocab_grad(
+    logits_shard: Tensor,
+    local_ids: Tensor,
+    temperature: float,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    grad_logps: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+) -> Tensor:
+    """``d loss / d z`` on one shard, from the global ``lse`` (and entropy): no communication.
+
+    ``d logp / d z_j = onehot_j - p_j`` and ``d H / d z_j = -p_j (log p_j + H)``, with
+    ``p_j = exp(z_j - lse)``. Returns ``(n, V_r)`` in the compute dtype, already divided by
+    the temperature (so it is the gradient of the logits).
+    """
+    z = _shard_z(logits_shard, temperature)
+    log_p = z - lse.unsqueeze(-1)
+    p = torch.exp(log_p)
+    dz = torch.zeros_like(z)
+    if grad_logps is not None:
+        g = grad_logps.to(z.dtype)
+        dz = dz - p * g.unsqueeze(-1)
+        column, in_shard = _local_target(local_ids, z.shape[-1])
+        dz.scatter_add_(-1, column.unsqueeze(-1), torch.where(in_shard, g, torch.zeros_like(g)).unsqueeze(-1))
+    if grad_entropy is not None:
+        term = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
+        dz = dz - term * grad_entropy.to(z.dtype).unsqueeze(-1)
+    return dz / temperature
+
+
+def _combine_partials(partials: List[ShardPartials], spec: "_ShardSpec") -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """All-reduce the shards' partials (MAX, then one SUM of 2-3 floats a token).
+
+    ``partials`` holds this rank's token chunks in order; they are concatenated first so that
+    each collective runs once per call. Returns ``(lse, entropy or None, target logit)``,
+    ``(n,)`` each, global and identical on every rank.
+    """
+    local_max = torch.cat([p.max for p in partials])
+    sumexp = torch.cat([p.sumexp for p in partials])
+    target = torch.cat([p.target for p in partials])
+    global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, spec.process_group, spec.world_size)
+    local_shift = torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
+    # Rescale each shard's sum-exp to the global max; a shard with nothing (sumexp 0) adds 0.
+    delta = torch.where(sumexp > 0, local_shift - global_max, torch.zeros_like(sumexp))
+    rescale = torch.exp(delta)
+    columns = [sumexp * rescale, target]
+    if spec.compute_entropy:
+        weighted = torch.cat([p.sum_exp_shifted_z for p in partials])
+        columns.append(rescale * (weighted + delta * sumexp))
+    packed = _all_reduce(torch.stack(columns, dim=-1), dist.ReduceOp.SUM, spec.process_group, spec.world_size)
+    log_total = torch.log(packed[:, 0])
+    lse = global_max + log_total
+    entropy = None
+    if spec.compute_entropy:
+        # H = lse - sum p z = log S - sum exp(z - M) (z - M) / S: no cancellation of two large numbers.
+        entropy = log_total - packed[:, 2] / packed[:, 0]
+    return lse, entropy, packed[:, 1]
+
+
+# --------------------------------------------------------------------------------------
+# Vocab parallel: validation agreed on by every rank (one small all-reduce).
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardSpec:
+    """The vocab layout and options every rank agreed on; kept on ``ctx`` for backward."""
+
+    vocab_start: int
+    vocab_shard: int
+    vocab_size: int
+    temperature: float
+    compute_entropy: bool
+    process_group: object
+    world_size: int
+    chunk_size: int = 0
+
+
+def _agree_on_shards(
+    local_error: Optional[Exception],
+    process_group,
+    *,
+    vocab_start,
+    vocab_shard: int,
+    ids: Optional[Tensor],
+    hidden_size: int,
+    device,
+) -> Tuple[int, int]:
+    """Share each rank's layout in one all-reduce; every rank raises the same way or none does.
+
+    Returns ``(vocab_start, vocab_size)`` of this rank. A rank whose local checks failed
+    raises its own error; the others raise a ValueError naming it (instead of waiting on a
+    collective it will never join). Checks: ``vocab_start`` given on all ranks or none, the
+    shards tile ``[0, V)`` without gap or overlap, the same tokens and ``H`` on every rank,
+    the same ids (min, max, sum), and ids in ``[0, V)``.
+    """
+    world_size, rank = _world(process_group)
+    row = torch.zeros(8, dtype=torch.float64, device=device)
+    if local_error is not None:
+        row[0] = 1.0
+    else:
+        row[1] = -1.0 if vocab_start is None else float(vocab_start)
+        row[2], row[3], row[4] = float(vocab_shard), float(ids.numel()), float(hidden_size)
+        if ids.numel() > 0:
+            flat = ids.reshape(-1).to(torch.float64)
+            row[5], row[6], row[7] = flat.min(), flat.max(), flat.sum()
+    table = _gather_rows(row, process_group, world_size, rank).tolist()  # the one host sync
+    if local_error is not None:
+        raise local_error
+    bad = [r for r in range(world_size) if table[r][0] != 0]
+    if bad:
+        raise ValueError(f"vocab-parallel inputs were rejected on rank(s) {bad} of the process group; see the error there")
+
+    sizes = [int(t[2]) for t in table]
+    layout = ", ".join(f"rank {r}: start {int(t[1]) if t[1] >= 0 else None}, size {sizes[r]}" for r, t in enumerate(table))
+    given = [t[1] >= 0 for t in table]
+    if any(given) and not all(given):
+        raise ValueError(f"vocab_start must be given on every rank or on none ({layout})")
+    if all(given):
+        starts = [int(t[1]) for t in table]
+        expected = 0
+        for r in sorted(range(world_size), key=lambda r: starts[r]):
+            if starts[r] != expected:
+                raise ValueError(
+                    f"vocab_start={starts[rank]} on rank {rank}: the shards must tile [0, V) without gaps or "
+                    f"overlaps ({layout})"
+                )
+            expected += sizes[r]
+    else:
+        starts = [sum(sizes[:r]) for r in range(world_size)]
+    vocab_size = sum(sizes)
+
+    tokens = {int(t[3]) for t in table}
+    if len(tokens) != 1:
+        raise ValueError(f"ids must hold the same tokens on every rank; token counts by rank: {[int(t[3]) for t in table]}")
+    if len({t[4] for t in table}) != 1:
+        raise ValueError(f"hidden must have the same H on every rank; by rank: {[int(t[4]) for t in table]}")
+    if tokens.pop() > 0:
+        if len({(t[5], t[6], t[7]) for t in table}) != 1:
+            raise ValueError("ids must be the same on every rank of the vocab-parallel group (they differ)")
+        lo, hi = int(table[0][5]), int(table[0][6])
+        if v._CHECK_IDS and (lo < 0 or hi >= vocab_size):
+            raise ValueError(f"ids must lie in [0, {vocab_size}) (the vocab size over all shards), found {lo if lo < 0 else hi}")
+    return starts[rank], vocab_size
+
+
+def _check_vocab_start(vocab_start):
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0):
+        raise TypeError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def _check_logits_side(logits_shard, ids, temperature, vocab_start, features_name="logits_shard"):
+    v.check_tensor(features_name, logits_shard, kind="float")
+    if logits_shard.dim() < 1 or logits_shard.shape[-1] < 1:
+        raise ValueError(f"{features_name} must be (..., V_r) with V_r >= 1, got shape {tuple(logits_shard.shape)}")
+    v.check_tensor("ids", ids, kind="int")
+    if tuple(ids.shape) != tuple(logits_shard.shape[:-1]):
+        raise ValueError(f"ids must have shape {tuple(logits_shard.shape[:-1])} ({features_name} without V_r), got {tuple(ids.shape)}")
+    v.check_same_device(features_name, logits_shard, ids=ids)
+    v.check_temperature(temperature)
+    _check_vocab_start(vocab_start)
+
+
+def _check_linear_side(hidden, weight_shard, ids, temperature, bias_shard, vocab_start, chunk_size):
+    v.check_tensor("hidden", hidden, kind="float")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (..., H)")
+    v.check_tensor("weight_shard", weight_shard, ndim=(2,), kind="float")
+    if weight_shard.shape[1] != hidden.shape[-1] or weight_shard.shape[0] < 1:
+        raise ValueError(
+            f"weight_shard must have shape (V_r, {hidden.shape[-1]}) with V_r >= 1 to match hidden's last dim, "
+            f"got {tuple(weight_shard.shape)}"
+        )
+    if bias_shard is not None:
+        v.check_tensor("bias_shard", bias_shard, ndim=(1,), kind="float")
+        if bias_shard.shape[0] != weight_shard.shape[0]:
+            raise ValueError(f"bias_shard must have shape ({weight_shard.shape[0]},), got {tuple(bias_shard.shape)}")
+    v.check_tensor("ids", ids, kind="int")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ids must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(ids.shape)}")
+    v.check_same_device("hidden", hidden, weight_shard=weight_shard, bias_shard=bias_shard, ids=ids)
+    v.check_temperature(temperature)
+    _check_vocab_start(vocab_start)
+    _check_chunk_size(chunk_size)
+
+
+def _check_loss_side(features_name, features, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+                     is_weights, config, num_items_in_batch, global_batch_size):
+    """grpo_loss's checks on the (B, T) tensors; the id range is checked against the full vocab later."""
+    v.check_tensor(features_name, features, ndim=(3,), kind="float")
+    B, T = features.shape[0], features.shape[1]
+    v.check_tensor("completion_ids", completion_ids, ndim=(2,), kind="int")
+    if tuple(completion_ids.shape) != (B, T):
+        raise ValueError(
+            f"completion_ids must have shape ({B}, {T}) to match {features_name} {tuple(features.shape)}, "
+            f"got {tuple(completion_ids.shape)}"
+        )
+    v.check_tensor("advantages", advantages, ndim=(1, 2), kind="float")
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if completion_mask is not None:
+        v.check_tensor("completion_mask", completion_mask, ndim=(2,), kind="mask")
+        if tuple(completion_mask.shape) != (B, T):
+            raise ValueError(f"completion_mask must have shape ({B}, {T}), got {tuple(completion_mask.shape)}")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None:
+            v.check_tensor(name, t, ndim=(2,), kind="float")
+            if tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must have shape ({B}, {T}), got {tuple(t.shape)}")
+    if is_weights is not None:
+        v.check_tensor("is_weights", is_weights, ndim=(1, 2), kind="float")
+        if tuple(is_weights.shape) not in ((B,), (B, 1), (B, T)):
+            raise ValueError(f"is_weights must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(is_weights.shape)}")
+    if config.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when config.beta != 0 (beta={config.beta})")
+    v.check_same_device(
+        features_name, features, completion_ids=completion_ids, advantages=advantages,
+        completion_mask=completion_mask, old_logps=old_logps, ref_logps=ref_logps, is_weights=is_weights,
+    )
+    v.check_normalizer("num_items_in_batch", num_items_in_batch)
+    v.check_normalizer("global_batch_size", global_batch_size)
+
+
+def _checked(check, *args):
+    """Run the local checks; return the error instead of raising it (raised after the exchange)."""
+    try:
+        check(*args)
+    except (TypeError, ValueError) as exc:
+        return exc
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Vocab parallel: autograd Functions.
+# --------------------------------------------------------------------------------------
+
+
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+    """``(logits_shard (N, V_r), ids (N,)) -> (logps (N,), entropy (N,) or None)``."""
+
+    @staticmethod
+    def forward(ctx, logits_shard: Tensor, ids: Tensor, spec: _ShardSpec):
+        local_ids = ids.long() - spec.vocab_start
+        partials = shard_vocab_partials(logits_shard, local_ids, spec.temperature, spec.compute_entropy)
+        lse, entropy, target = _combine_partials([partials], spec)
+        ctx.save_for_backward(logits_shard, local_ids, lse, entropy)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return target - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        logits_shard, local_ids, lse, entropy = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_logps is None and grad_entropy is None):
+            return None, None, None
+        dz = shard_vocab_grad(logits_shard, local_ids, ctx.spec.temperature, lse, entropy, grad_logps, grad_entropy)
+        return dz.to(logits_shard.dtype), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearInputs:
+    has_bias: bool
+    hidden_dtype: torch.dtype
+    weight_dtype: torch.dtype
+
+
+class _VocabParallelLinearLogSoftmax(torch.autograd.Function):
+    """``(hidden (N, H), weight_shard (V_r, H), bias_shard (V_r,) or None, ids (N,)) -> (logps, entropy)``.
+
+    Token chunks of ``spec.chunk_size`` bound the transient ``(chunk, V_r)`` logits; they are
+    recomputed in backward from the saved ``lse`` (N floats) and entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight_shard: Tensor, bias_shard: Optional[Tensor], ids: Tensor, spec: _ShardSpec):
+        local_ids = ids.long() - spec.vocab_start
+        partials = [
+            shard_vocab_partials(_chunk_logits(hidden, weight_shard, bias_shard, rows), local_ids[rows],
+                                 spec.temperature, spec.compute_entropy)
+            for rows in _chunks(hidden.shape[0], spec.chunk_size)
+        ]
+        lse, entropy, target = _combine_partials(partials, spec)
+        ctx.save_for_backward(hidden, weight_shard, bias_shard, local_ids, lse, entropy)
+        ctx.spec = spec
+        ctx.inputs = _LinearInputs(bias_shard is not None, hidden.dtype, weight_shard.dtype)
+        ctx.set_materialize_grads(False)
+        return target - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight_shard, bias_shard, local_ids, lse, entropy = ctx.saved_tensors
+        spec = ctx.spec
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_logps is None and grad_entropy is None:
+            return None, None, None, None, None
+        cdt = compute_dtype(hidden.dtype)
+        weight = weight_shard.to(cdt)
+        dhidden = torch.empty(hidden.shape, dtype=cdt, device=hidden.device) if need_hidden else None
+        dweight = torch.zeros_like(weight) if need_weight else None
+        dbias = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_bias else None
+        for rows in _chunks(hidden.shape[0], spec.chunk_size):
+            logits = _chunk_logits(hidden, weight_shard, bias_shard, rows)
+            dlogits = shard_vocab_grad(
+                logits, local_ids[rows], spec.temperature, lse[rows],
+                None if entropy is None else entropy[rows],
+                None if grad_logps is None else grad_logps[rows],
+                None if grad_entropy is None else grad_entropy[rows],
+            )  # (chunk, V_r)
+            if need_hidden:
+                dhidden[rows] = dlogits @ weight
+            if need_weight:
+                dweight += dlogits.T @ hidden[rows].to(cdt)
+            if need_bias:
+                dbias += dlogits.sum(0)
+        if need_hidden:
+            # hidden feeds every vocab shard: its gradient is the sum of the shards' (one all-reduce).
+            _all_reduce(dhidden, dist.ReduceOp.SUM, spec.process_group, spec.world_size)
+            dhidden = dhidden.to(ctx.inputs.hidden_dtype)
+        return (
+            dhidden,
+            None if dweight is None else dweight.to(ctx.inputs.weight_dtype),
+            None if dbias is None else dbias.to(bias_shard.dtype),
+            None,
+            None,
+        )
+
+
+def _chunks(n: int, chunk_size: int):
+    step = max(chunk_size, 1)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)] or [slice(0, 0)]
+
+
+def _chunk_logits(hidden: Tensor, weight_shard: Tensor, bias_shard: Optional[Tensor], rows: slice) -> Tensor:
+    """``hidden[rows] @ weight_shard.T + bias_shard`` in the compute dtype, like the reference."""
+    cdt = compute_dtype(hidden.dtype)
+    bias = None if bias_shard is None else bias_shard.to(cdt)
+    return torch.nn.functional.linear(hidden[rows].to(cdt), weight_shard.to(cdt), bias)
+
+
+def _default_chunk(tokens: int, vocab_shard: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, min(max(tokens, 1), _LINEAR_CHUNK_ELEMENTS // vocab_shard))
+
+
+# --------------------------------------------------------------------------------------
+# Vocab parallel: entry points.
+# --------------------------------------------------------------------------------------
+
+
+def _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group):
+    world_size, _ = _world(process_group)
+    spec = _ShardSpec(vocab_start, logits_shard.shape[-1], vocab_size, float(temperature), bool(compute_entropy),
+                      process_group, world_size)
+    lead = ids.shape
+    logps, entropy = _VocabParallelLogSoftmax.apply(logits_shard.reshape(-1, spec.vocab_shard), ids.reshape(-1), spec)
+    return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
+
+
+def _apply_linear(hidden, weight_shard, ids, vocab_start, vocab_size, temperature, bias_shard, compute_entropy,
+                  process_group, chunk_size):
+    world_size, _ = _world(process_group)
+    tokens = ids.numel()
+    spec = _ShardSpec(vocab_start, weight_shard.shape[0], vocab_size, float(temperature), bool(compute_entropy),
+                      process_group, world_size, _default_chunk(tokens, weight_shard.shape[0], chunk_size))
+    lead = ids.shape
+    logps, entropy = _VocabParallelLinearLogSoftmax.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, ids.reshape(-1), spec
+    )
+    return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
+
+
+def vocab_parallel_selective_log_softmax(
+    logits_shard: Tensor,
+    ids: Tensor,
+    vocab_start: Optional[int] = None,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    process_group=None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`grpo_fused.selective_log_softmax` over a vocabulary sharded across ``process_group``.
+
+    Args:
+        logits_shard: ``(..., V_r)`` fp32 / bf16 / fp16 / fp64, this rank's columns
+            ``[vocab_start, vocab_start + V_r)`` of the logits.
+        ids: ``(...)`` integer token ids in the *full* vocab ``[0, V)``, the same on every rank.
+        vocab_start: first vocab column of this shard; None means the shards are in rank
+            order (rank r starts at the sum of the lower ranks' ``V_r``), as Megatron lays them out.
+        temperature: > 0, divides the logits. Default 1.0.
+        compute_entropy: also return the per-token entropy of the full distribution. Default False.
+        process_group: the vocab-parallel group; None means the default group (or one process
+            when torch.distributed is not initialized).
+
+    Returns:
+        ``(logps, entropy)``, ``(...)`` in fp32 (fp64 for fp64 logits), identical on every rank;
+        entropy is None unless asked. Both are differentiable: backward writes this rank's
+        ``d logits_shard`` with no communication.
+
+    Costs one small all-reduce (layout and ids check, with a host sync) plus, per call, a MAX
+    all-reduce of N floats and a SUM all-reduce of 2 (3 with entropy) x N floats.
+    """
+    error = _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start)
+    vocab_start, vocab_size = _agree_on_shards(
+        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
+        ids=ids, hidden_size=0, device=_collective_device(process_group, logits_shard, ids),
+    )
+    return _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group)
+
+
+def vocab_parallel_linear_log_softmax(
+    hidden: Tensor,
+    weight_shard: Tensor,
+    ids: Tensor,
+    vocab_start: Optional[int] = None,
+    temperature: float = 1.0,
+    bias_shard: Optional[Tensor] = None,
+    compute_entropy: bool = False,
+    process_group=None,
+    *,
+    chunk_size: Optional[int] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`vocab_parallel_selective_log_softmax` of ``hidden @ weight_shard.T + bias_shard``.
+
+    Args:
+        hidden: ``(..., H)`` float, the same on every rank (the input of a column-parallel lm_head).
+        weight_shard: ``(V_r, H)`` this rank's rows of the lm_head weight. bias_shard: ``(V_r,)`` or None.
+        ids, vocab_start, temperature, compute_entropy, process_group: as in
+            :func:`vocab_parallel_selective_log_softmax`.
+        chunk_size: tokens per chunk of the transient ``(chunk, V_r)`` fp32 logits; None picks
+            ``2**24 / V_r`` tokens (64 MB).
+
+    Returns:
+        ``(logps, entropy)`` as :func:`vocab_parallel_selective_log_softmax`. Backward writes this
+        rank's ``dweight_shard`` / ``dbias_shard`` with no communication and all-reduces
+        ``dhidden`` ``(N, H)`` once (every rank gets the full gradient).
+    """
+    error = _checked(_check_linear_side, hidden, weight_shard, ids, temperature, bias_shard, vocab_start, chunk_size)
+    vocab_start, vocab_size = _agree_on_shards(
+        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0], ids=ids,
+        hidden_size=0 if error else hidden.shape[-1], device=_collective_device(process_group, hidden, ids),
+    )
+    return _apply_linear(hidden, weight_shard, ids, vocab_start, vocab_size, temperature, bias_shard,
+                         compute_entropy, process_group, chunk_size)
+
+
+def _loss_from_logps(logps, entropy, dtype, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+                     config, is_weights, num_items_in_batch, global_batch_size) -> GRPOOutput:
+    # The (B, T) tail of reference.grpo_loss, on the log-probs every rank now holds.
+    B, T = completion_ids.shape
+    mask = (torch.ones(B, T, dtype=dtype, device=logps.device) if completion_mask is None
+            else completion_mask.to(dtype))
+    loss, metrics = grpo_loss_from_logps(
+        logps,
+        advantages.to(dtype),
+        mask,
+        None if old_logps is None else old_logps.to(dtype),
+        None if ref_logps is None else ref_logps.to(dtype),
+        config,
+        entropy=entropy,
+        is_weights=None if is_weights is None else is_weights.to(dtype),
+        num_items_in_batch=num_items_in_batch,
+        global_batch_size=global_batch_size,
+    )
+    return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
+
+
+def vocab_parallel_grpo_loss(
+    logits_shard: Tensor,
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Optional[Tensor] = None,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    *,
+    vocab_start: Optional[int] = None,
+    process_group=None,
+    config: Optional[GRPOConfig] = None,
+    is_weights: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    global_batch_size=None,
+) -> GRPOOutput:
+    """:func:`grpo_fused.grpo_loss` with the logits sharded over the vocab across ``process_group``.
+
+    Args:
+        logits_shard: ``(B, T, V_r)``, this rank's vocab columns (see
+            :func:`vocab_parallel_selective_log_softmax` for ``vocab_start`` and ``process_group``).
+        completion_ids: ``(B, T)`` ids in the full vocab ``[0, V)``; every other ``(B, T)``
+            argument, ``config``, ``is_weights`` and the normalizers are those of
+            :func:`grpo_fused.grpo_loss` and must be the same on every rank of the group.
+
+    Returns:
+        The :class:`GRPOOutput` of the single-process loss on the full logits (loss, logps,
+        entropy, metrics), identical on every rank; backward fills this rank's logits-shard gradient.
+    """
+    def check():
+        config_ = v.check_config(config)
+        _check_loss_side("logits_shard", logits_shard, completion_ids, advantages, completion_mask, old_logps,
+                         ref_logps, is_weights, config_, num_items_in_batch, global_batch_size)
+        _check_logits_side(logits_shard, completion_ids, config_.temperature, vocab_start)
+
+    error = _checked(check)
+    vocab_start_, vocab_size = _agree_on_shards(
+        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
+        ids=completion_ids, hidden_size=0, device=_collective_device(process_group, logits_shard, completion_ids),
+    )
+    config = v.check_config(config)
+    logps, entropy = _apply_logits(logits_shard, completion_ids, vocab_start_, vocab_size, config.temperature,
+                                   config.compute_entropy, process_group)
+    return _loss_from_logps(logps, entropy, compute_dtype(logits_shard.dtype), completion_ids, advantages,
+                            completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch,
+                            global_batch_size)
+
+
+def vocab_parallel_linear_grpo_loss(
+    hidden: Tensor,
+    weight_shard: Tensor,
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Optional[Tensor] = None,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    *,
+    bias_shard: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    process_group=None,
+    config: Optional[GRPOConfig] = None,
+    is_weights: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    global_batch_size=None,
+    chunk_size: Optional[int] = None,
+) -> GRPOOutput:
+    """:func:`grpo_fused.linear_grpo_loss` with the lm_head sharded over the vocab (column parallel).
+
+    Args:
+        hidden: ``(B, T, H)``, the same on every rank. weight_shard: ``(V_r, H)``.
+        bias_shard: ``(V_r,)`` or None. chunk_size: see :func:`vocab_parallel_linear_log_softmax`.
+        The other arguments are those of :func:`vocab_parallel_grpo_loss`.
+
+    Returns:
+        The :class:`GRPOOutput` of the single-process loss on the full lm_head, identical on every
+        rank. Backward: ``dhidden`` (one all-reduce, full on every rank), this rank's
+        ``dweight_shard`` and ``dbias_shard``.
+    """
+    def check():
+        config_ = v.check_config(config)
+        _check_loss_side("hidden", hidden, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+                         is_weights, config_, num_items_in_batch, global_batch_size)
+        _check_linear_side(hidden, weight_shard, completion_ids, config_.temperature, bias_shard, vocab_start,
+                           chunk_size)
+
+    error = _checked(check)
+    vocab_start_, vocab_size = _agree_on_shards(
+        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0],
+        ids=completion_ids, hidden_size=0 if error else hidden.shape[-1],
+        device=_collective_device(process_group, hidden, completion_ids),
+    )
+    config = v.check_config(config)
+    logps, entropy = _apply_linear(hidden, weight_shard, completion_ids, vocab_start_, vocab_size,
+                                   config.temperature, bias_shard, config.compute_entropy, process_group, chunk_size)
+    return _loss_from_logps(logps, entropy, compute_dtype(hidden.dtype), completion_ids, advantages,
+                            completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch,
+                            global_batch_size)
