@@ -251,3 +251,128 @@ def test_public_selective_log_softmax_on_triton_backend():
     logps.sum().backward()
     assert_grad_close(logits.grad.view(6, 257), logits.detach().view(6, 257), ids, 1.1,
                       torch.ones(6, device=DEVICE), None, what="dlogits")
+
+
+# --------------------------------------------------------------------------------------
+# grpo_loss: values, metrics and gradients against the float64 reference.
+# --------------------------------------------------------------------------------------
+
+if has_triton():
+    from grpo_fused.kernels import grpo_logits as gl
+
+from grpo_fused import reference as ref_impl
+from grpo_fused.config import GRPOConfig
+
+# B=3 sequences (row 2 fully masked), T=5, V=257: every option at least once, the interacting
+# ones (loss type x IS level, KL estimator x bias correction, delta x dual clip) pairwise.
+LOSS_CASES = [
+    # (id, config kwargs, input options)
+    ("grpo", dict(loss_type="grpo"), dict()),
+    ("grpo-delta-T0.7", dict(loss_type="grpo", delta=1.3, temperature=0.7), dict(adv="BT")),
+    ("bnpo-dualclip", dict(loss_type="bnpo", clip_ratio_c=2.0), dict(adv="B")),
+    ("dr_grpo-mcl", dict(loss_type="dr_grpo", max_completion_length=8), dict()),
+    ("dr_grpo-onpolicy", dict(loss_type="dr_grpo"), dict(old=False)),
+    ("dapo-asym-delta-dual", dict(loss_type="dapo", epsilon_high=0.28, delta=1.4, clip_ratio_c=3.0), dict(isw="BT")),
+    ("dapo-num_items", dict(loss_type="dapo"), dict(num_items=40)),
+    ("dapo-nomask", dict(loss_type="dapo", beta=0.1), dict(mask=False)),
+    ("luspo", dict(loss_type="luspo", beta=0.04), dict(isw="B1")),
+    ("cispo", dict(loss_type="cispo", epsilon_high=1.2), dict()),
+    ("cispo-two-sided", dict(loss_type="cispo", cispo_two_sided=True, epsilon_high=0.28), dict(isw="B")),
+    ("sapo", dict(loss_type="sapo", beta=0.04, temperature=1.3), dict(adv="BT")),
+    ("sapo-onpolicy", dict(loss_type="sapo"), dict(old=False)),
+    ("gpg", dict(loss_type="gpg", beta=0.04), dict()),
+    ("gpg-k2-nobc", dict(loss_type="gpg", beta=0.5, kl_estimator="k2", use_bias_correction_kl=False), dict()),
+    ("k3-no-bias-correction", dict(loss_type="grpo", beta=0.2, use_bias_correction_kl=False), dict()),
+    ("low_var_kl", dict(loss_type="dapo", beta=0.2, kl_estimator="low_var_kl"), dict(ref_far=True)),
+    ("k1", dict(loss_type="grpo", beta=0.3, kl_estimator="k1"), dict()),
+    ("k2-onpolicy", dict(loss_type="bnpo", beta=0.3, kl_estimator="k2"), dict(old=False)),
+    ("abs-nobc", dict(loss_type="dapo", beta=0.3, kl_estimator="abs", use_bias_correction_kl=False), dict()),
+    ("entropy-bonus", dict(loss_type="dapo", entropy_coef=0.05), dict()),
+    ("no-entropy", dict(loss_type="grpo", compute_entropy=False, entropy_coef=0.05), dict()),
+    ("agg-token-mean", dict(loss_type="grpo", loss_agg_mode="token-mean", dp_size=2, beta=0.04), dict(num_items=30)),
+    ("agg-seq-token-sum", dict(loss_type="dapo", loss_agg_mode="seq-mean-token-sum"), dict(gbs=4)),
+    ("agg-seq-token-sum-norm", dict(loss_type="cispo", loss_agg_mode="seq-mean-token-sum-norm", epsilon_high=2.0), dict()),
+    ("agg-seq-token-mean", dict(loss_type="sapo", loss_agg_mode="seq-mean-token-mean"), dict()),
+    # Sequence level: the vocab pass plus O(B*T) torch math.
+    ("gspo-grpo", dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04), dict()),
+    ("gspo-dapo-advBT", dict(loss_type="dapo", importance_sampling_level="sequence", entropy_coef=0.02), dict(adv="BT")),
+    ("gspo-cispo", dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.5), dict(isw="B")),
+    ("gspo-sapo", dict(loss_type="sapo", importance_sampling_level="sequence"), dict(old=False)),
+    ("gmpo", dict(loss_type="gmpo", beta=0.04, epsilon_low=0.4, epsilon_high=0.4), dict(isw="BT")),
+]
+
+
+def make_loss_inputs(dtype, *, B=3, T=5, V=257, seed=0, adv="B1", old=True, ref=True, isw=None,
+                     mask=True, ref_far=False, num_items=None, gbs=None):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    logps = truth_vocab(logits, ids, 1.0)[0].float()
+    shapes = {"B": (B,), "B1": (B, 1), "BT": (B, T)}
+    inputs = dict(
+        logits=logits,
+        completion_ids=ids,
+        advantages=torch.randn(shapes[adv], generator=g),
+        # The ratio spreads over roughly [0.55, 1.8]: both clip sides and the delta cap are hit.
+        old_logps=(logps + 0.3 * torch.randn(B, T, generator=g)) if old else None,
+        ref_logps=(logps + (8.0 if ref_far else 0.4) * torch.randn(B, T, generator=g)) if ref else None,
+        is_weights=None if isw is None else torch.rand(shapes[isw], generator=g) + 0.5,
+        num_items_in_batch=num_items,
+        global_batch_size=gbs,
+    )
+    if mask:
+        m = (torch.rand(B, T, generator=g) > 0.25).to(torch.int64)
+        m[0, 0] = 1
+        m[B - 1] = 0  # a sequence with no token
+        inputs["completion_mask"] = m
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def reference_float64(inputs, config):
+    """The spec in float64 on the same (rounded) inputs, with the logits' gradient."""
+    logits = inputs["logits"].double().requires_grad_()
+    kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in inputs.items() if k != "logits"}
+    out = ref_impl.grpo_loss(logits, config=config, **kwargs)
+    out.loss.backward()
+    return out, logits.grad
+
+
+def assert_output_matches(out, truth, dlogits, truth_grad, dtype, temperature):
+    tol = dict(rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out.loss.double(), truth.loss, **tol)
+    torch.testing.assert_close(out.logps.double(), truth.logps, rtol=1e-5, atol=1e-5)
+    if truth.entropy is None:
+        assert out.entropy is None
+    else:
+        torch.testing.assert_close(out.entropy.double(), truth.entropy, rtol=1e-5, atol=1e-5)
+    assert set(out.metrics) == set(truth.metrics)
+    for name, value in truth.metrics.items():
+        assert out.metrics[name].dim() == 0, name
+        torch.testing.assert_close(out.metrics[name].double(), value, **tol, equal_nan=True, msg=name)
+    assert dlogits.dtype == dtype
+    # Relative to the largest gradient entry: fp32 sums of ~V terms, then one rounding to dtype.
+    atol = 2e-5 * truth_grad.abs().max().item() + 1e-9
+    torch.testing.assert_close(dlogits.double(), truth_grad, rtol=DTYPE_RTOL[dtype], atol=atol)
+
+
+# Each case runs in one dtype (rotating fp32 / bf16 / fp16), and three cases in all of them:
+# the interpreter costs ~0.5 s a case, the full product would triple the file's runtime.
+_ALL_DTYPE_CASES = ("grpo-delta-T0.7", "dapo-asym-delta-dual", "gspo-grpo")
+LOSS_PARAMS = []
+for _i, (_id, _cfg, _opts) in enumerate(LOSS_CASES):
+    for _dtype in DTYPES if (_id in _ALL_DTYPE_CASES or CUDA) else (DTYPES[_i % 3],):
+        LOSS_PARAMS.append(pytest.param(_cfg, _opts, _dtype, id=f"{_id}-{str(_dtype)[6:]}"))
+
+
+@pytest.mark.parametrize("config_kwargs,options,dtype", LOSS_PARAMS)
+def test_grpo_loss_matches_reference(config_kwargs, options, dtype):
+    config = GRPOConfig(**config_kwargs)
+    inputs = make_loss_inputs(dtype, **options)
+    truth, truth_grad = reference_float64(inputs, config)
+    logits = inputs["logits"].clone().requires_grad_()
+    kwargs = {k: v for k, v in inputs.items() if k != "logits"}
+    out = gl.grpo_loss(logits, config=config, **kwargs)
+    out.loss.backward()
+    assert_output_matches(out, truth, logits.grad, truth_grad, dtype, config.temperature)
+    assert out.loss.dtype == torch.float32 and out.logps.shape == inputs["completion_ids"].shape
