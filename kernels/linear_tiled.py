@@ -225,14 +225,14 @@ def default_config(device: torch.device) -> TiledConfig:
 
 def _kernel_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """The operands as the kernels read them, and the ``tl.dot`` precision for them."""
-    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)  # a mixed pair costs one cast
+    if dtype == torch.float64:
         # fp64 runs in fp32: tl.dot has no portable fp64 path.
-        hidden, weight = hidden.float(), weight.float()
-    if _interpreting() and (hidden.dtype != torch.float32 or weight.dtype != torch.float32):
+        dtype = torch.float32
+    if _interpreting():
         # The interpreter stores bf16 as uint16 and its tl.dot on bf16 is wrong: fp32 there.
-        hidden, weight = hidden.float(), weight.float()
-    if hidden.dtype != weight.dtype:
-        weight = weight.to(hidden.dtype)
+        dtype = torch.float32
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
     if bias is not None and bias.dtype == torch.float64:
         bias = bias.float()

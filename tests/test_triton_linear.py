@@ -146,6 +146,32 @@ def test_chunked_fp64_is_fp64_accurate():
         assert _max_err(a, e) <= 1e-10 * _scale(e)
 
 
+def test_chunked_gradcheck_fp64():
+    # The chunked strategy computes fp64 inputs in fp64, so autograd.gradcheck applies (fast mode:
+    # a few random directions, each a handful of interpreter launches). V=37, 3 tokens, 2 chunks.
+    hidden, weight, b, ids = make_linear(3, 8, 37, torch.float64, seed=13)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+
+    def fn(h, w, bb):
+        logps, entropy = linear_log_softmax(h, w, ids, 0.8, bb, True, "chunked", chunk_size=2)
+        return logps, entropy
+
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_mixed_dtypes_hidden_bf16_weight_fp32():
+    # Computed in the promoted dtype (fp32); gradients come back in each input's own dtype.
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=14)
+    hidden = hidden.to(torch.bfloat16)
+    truth = _reference(hidden, weight, b, ids, 1.0, True)
+    for strategy in STRATEGIES:
+        got = _fused(strategy, hidden, weight, b, ids, 1.0, True)
+        assert [g.dtype for g in got[2]] == [torch.bfloat16, torch.float32, torch.float32]
+        for name, a, e in zip(("logps", "entropy", "dweight", "dbias"), got[:2] + got[2][1:], truth[:2] + truth[2][1:]):
+            assert _max_err(a, e) <= 2e-5 * _scale(e), (strategy, name)
+        assert _max_err(got[2][0], truth[2][0]) <= 2**-8 * _scale(truth[2][0])
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_vocab_smaller_than_one_tile_and_leading_dims(strategy):
     # V=40 < BLOCK_V: every column lane past 40 is masked; hidden (B, T, H) keeps its leading dims.
