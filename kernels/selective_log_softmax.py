@@ -423,6 +423,8 @@ class SelectiveLogSoftmax(torch.autograd.Function):
         rows = _as_rows(logits)
         logps, lse, entropy = vocab_fwd(rows, ids, temperature, compute_entropy)
         ctx.saved = _SavedVocabPass(temperature, compute_entropy, inplace_backward, tuple(logits.shape))
+        # An output nobody differentiates arrives as None, not zeros: no entropy term in backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(rows, ids, lse, entropy)
         out_shape = tuple(logits.shape[:-1])
         if entropy is None:

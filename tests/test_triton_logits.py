@@ -376,3 +376,137 @@ def test_grpo_loss_matches_reference(config_kwargs, options, dtype):
     out.loss.backward()
     assert_output_matches(out, truth, logits.grad, truth_grad, dtype, config.temperature)
     assert out.loss.dtype == torch.float32 and out.logps.shape == inputs["completion_ids"].shape
+
+
+def test_grpo_loss_masked_vocab_and_large_logits():
+    # -inf vocab columns, a row that is -inf but for its target, and logits offset by +1000,
+    # through the fused epilogue (entropy_coef = 0: the reference's autograd of its entropy is
+    # NaN at -inf columns, 0 * -inf, while the kernel's closed form is 0 there).
+    inputs = make_loss_inputs(torch.bfloat16, seed=7)
+    logits = inputs["logits"].float()
+    logits[0, 1, :100] = float("-inf")
+    logits[1, 2, :] = float("-inf")
+    logits[1, 2, inputs["completion_ids"][1, 2]] = 1.0
+    logits[0, 3] += 1000.0
+    inputs["logits"] = logits.to(torch.bfloat16)
+    config = GRPOConfig(loss_type="dapo", beta=0.04, delta=1.5)
+    truth, truth_grad = reference_float64(inputs, config)
+    x = inputs["logits"].clone().requires_grad_()
+    out = gl.grpo_loss(x, config=config, **{k: v for k, v in inputs.items() if k != "logits"})
+    out.loss.backward()
+    assert torch.isfinite(x.grad.float()).all()
+    assert (x.grad[0, 1, :100] == 0).all() and (x.grad[1, 2] == 0).all()
+    # The +1000 row's logp carries fp32 rounding of numbers near 1000 (ulp 6e-5), as PyTorch's would.
+    torch.testing.assert_close(out.logps.double(), truth.logps, rtol=0, atol=8 * EPS32 * 1000)
+    torch.testing.assert_close(out.loss.double(), truth.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), truth_grad, rtol=DTYPE_RTOL[torch.bfloat16],
+                               atol=1e-4 * truth_grad.abs().max().item())
+
+
+def test_grpo_loss_all_masked_batch_gives_zero_loss_and_gradient():
+    inputs = make_loss_inputs(torch.float16, seed=2)
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    for loss_type in ("grpo", "dapo", "gspo"):
+        kwargs = dict(loss_type="grpo", importance_sampling_level="sequence") if loss_type == "gspo" else dict(loss_type=loss_type)
+        config = GRPOConfig(beta=0.04, entropy_coef=0.01, **kwargs)
+        x = inputs["logits"].clone().requires_grad_()
+        out = gl.grpo_loss(x, config=config, **{k: v for k, v in inputs.items() if k != "logits"})
+        out.loss.backward()
+        assert out.loss.item() == 0.0
+        assert (x.grad == 0).all()
+        truth, _ = reference_float64(inputs, config)
+        for name, value in truth.metrics.items():
+            torch.testing.assert_close(out.metrics[name].double(), value, equal_nan=True, msg=name)
+
+
+def test_grpo_loss_inplace_backward_through_public_api():
+    import grpo_fused as gf
+
+    inputs = make_loss_inputs(torch.bfloat16, T=4, seed=4)
+    config = GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.02)
+    kwargs = {k: v for k, v in inputs.items() if k != "logits"}
+    x = inputs["logits"].clone().requires_grad_()
+    expected = gf.grpo_loss(x, config=config, backend="triton", **kwargs)
+    expected.loss.backward()
+
+    # A causal-LM slice of a bigger (B, T+1, V) buffer: read and overwritten in place, no copy.
+    leaf = torch.zeros(3, 5, 257, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    full = leaf + torch.cat([inputs["logits"], inputs["logits"][:, :1]], dim=1)
+    sliced = full[:, :-1]
+    out = gf.grpo_loss(sliced, config=config, backend="triton", inplace_backward=True, **kwargs)
+    assert torch.equal(out.loss, expected.loss)
+    out.loss.backward()
+    assert torch.equal(sliced.detach(), x.grad), "the gradient overwrote the logits in place"
+    assert torch.equal(leaf.grad[:, :-1], x.grad) and (leaf.grad[:, -1] == 0).all()
+
+
+def test_grpo_loss_is_deterministic_and_batch_invariant():
+    inputs = make_loss_inputs(torch.bfloat16, seed=9)
+    config = GRPOConfig(loss_type="dapo", beta=0.04)
+    kwargs = {k: v for k, v in inputs.items() if k != "logits"}
+    results = []
+    for _ in range(2):
+        x = inputs["logits"].clone().requires_grad_()
+        out = gl.grpo_loss(x, config=config, **kwargs)
+        out.loss.backward()
+        results.append((out, x.grad))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb) and torch.equal(a.logps, b.logps)
+    for name in a.metrics:
+        assert torch.equal(a.metrics[name], b.metrics[name]), name
+    # A sequence's logps and entropy do not depend on the rest of the batch.
+    one = {k: (v[1:2] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    sub = gl.grpo_loss(one.pop("logits"), config=config, **one)
+    assert torch.equal(sub.logps, a.logps[1:2]) and torch.equal(sub.entropy, a.entropy[1:2])
+
+
+def test_grpo_loss_float64_gradcheck():
+    inputs = make_loss_inputs(torch.float64, B=2, T=3, V=13, seed=11, adv="BT")
+    kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in inputs.items() if k != "logits"}
+    # Only 1.0-exact hyperparameters pass through the kernel's fp32 scalars unrounded.
+    config = GRPOConfig(loss_type="dapo", beta=0.25, epsilon_low=0.5, entropy_coef=0.5)
+    logits = inputs["logits"].clone().requires_grad_()
+    out = gl.grpo_loss(logits, config=config, **kwargs)
+    truth, _ = reference_float64(inputs, config)
+    torch.testing.assert_close(out.loss, truth.loss, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: gl.grpo_loss(x, config=config, **kwargs).loss, (logits,),
+                                    fast_mode=True)
+
+
+def test_grpo_fwd_bad_inputs_raise_before_launch():
+    inputs = make_loss_inputs(torch.float32)
+    n = 15
+    logits, ids = inputs["logits"], inputs["completion_ids"]
+    adv = torch.zeros(n, device=DEVICE)
+    w = torch.ones(n, device=DEVICE)
+    with pytest.raises(ValueError, match="advantages"):
+        gl.grpo_fwd(logits, ids, adv.double(), w, GRPOConfig())
+    with pytest.raises(ValueError, match="token_weights"):
+        gl.grpo_fwd(logits, ids, adv, w[:3], GRPOConfig())
+    with pytest.raises(ValueError, match="ref_logps"):
+        gl.grpo_fwd(logits, ids, adv, w, GRPOConfig(beta=0.1))
+    with pytest.raises(ValueError, match="token-level"):
+        gl.grpo_fwd(logits, ids, adv, w, GRPOConfig(loss_type="gmpo"))
+    with pytest.raises(ValueError, match="ids"):
+        gl.grpo_fwd(logits, ids[:, :2], adv, w, GRPOConfig())
+    with pytest.raises(ValueError, match="inplace_backward"):
+        gl.grpo_loss(logits.transpose(1, 2).contiguous().transpose(1, 2), ids, adv[:3], inplace_backward=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="kernel compilation caches exist only on CUDA (not under the interpreter)")
+def test_new_float_hyperparameters_do_not_recompile():
+    inputs = make_loss_inputs(torch.bfloat16)
+    kwargs = {k: v for k, v in inputs.items() if k != "logits"}
+    kernel = gl._grpo_logits_fwd_kernel.fn
+
+    def n_compiled():
+        # triton 3.x: device -> (kernel_cache, kernel_key_cache, target, backend, binder)
+        return sum(len(entry[0]) for entry in kernel.device_caches.values())
+
+    gl.grpo_loss(inputs["logits"], config=GRPOConfig(beta=0.04, temperature=1.0), **kwargs)
+    before = n_compiled()
+    assert before >= 1
+    for beta, temperature, eps in ((0.1, 0.7, 0.1), (0.3, 1.3, 0.25)):
+        gl.grpo_loss(inputs["logits"], config=GRPOConfig(beta=beta, temperature=temperature, epsilon_low=eps), **kwargs)
+    assert n_compiled() == before
