@@ -131,16 +131,20 @@ def linear_chunked_bwd(
     dentropy: Optional[Tensor],
     temperature: float,
     chunk_size: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    needs: Tuple[bool, bool, bool] = (True, True, True),
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the chunked strategy: recomputes each chunk's logits.
 
     Args:
         hidden, weight, bias, ids, temperature, chunk_size: as in :func:`linear_chunked_fwd`.
         lse / entropy: ``(N,)`` from the forward (entropy needed only with ``dentropy``).
         dlogps / dentropy: ``(N,)`` gradients of the outputs, or None (zero).
+        needs: which of ``(dhidden, dweight, dbias)`` to compute (a frozen lm_head skips the
+            fp32 accumulator and its GEMM).
 
     Returns:
-        ``(dhidden, dweight, dbias_or_None)`` in the dtypes of hidden, weight and bias.
+        ``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias; None where not
+        needed (dbias also without a bias).
     """
     hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
     bias_dtype = None if bias is None else bias.dtype
@@ -149,9 +153,10 @@ def linear_chunked_bwd(
     V = weight.shape[0]
     chunk = chunk_size or chunk_rows(N, V, H, hidden.element_size())
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    dhidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device)
-    dweight = torch.zeros((V, H), dtype=acc_dtype, device=hidden.device)
-    dbias = None if bias is None else torch.zeros(V, dtype=acc_dtype, device=hidden.device)
+    need_dhidden, need_dweight, need_dbias = needs
+    dhidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dhidden else None
+    dweight = torch.zeros((V, H), dtype=acc_dtype, device=hidden.device) if need_dweight else None
+    dbias = torch.zeros(V, dtype=acc_dtype, device=hidden.device) if need_dbias and bias is not None else None
     if dlogps is None:
         dlogps = torch.zeros(N, dtype=lse.dtype, device=hidden.device)
     for start in range(0, N, chunk):
@@ -164,14 +169,16 @@ def linear_chunked_bwd(
             None if dentropy is None else entropy[start:end],
             temperature, out=logits,
         )
-        torch.mm(dlogits, weight, out=dhidden[start:end])
-        _accumulate_fp32(dweight, dlogits.t(), hidden_chunk)
+        if dhidden is not None:
+            torch.mm(dlogits, weight, out=dhidden[start:end])
+        if dweight is not None:
+            _accumulate_fp32(dweight, dlogits.t(), hidden_chunk)
         if dbias is not None:
             dbias += dlogits.sum(0, dtype=acc_dtype)
         del logits, dlogits
     return (
-        dhidden.to(hidden_dtype),
-        dweight.to(weight_dtype),
+        None if dhidden is None else dhidden.to(hidden_dtype),
+        None if dweight is None else dweight.to(weight_dtype),
         None if dbias is None else dbias.to(bias_dtype),
     )
 
@@ -200,7 +207,8 @@ class LinearLogSoftmaxChunked(torch.autograd.Function):
         if dlogps is None and dentropy is None:
             return None, None, None, None, None, None, None
         dhidden, dweight, dbias = linear_chunked_bwd(
-            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.chunk_size
+            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.chunk_size,
+            needs=tuple(ctx.needs_input_grad[:3]),
         )
         return dhidden, dweight, dbias, None, None, None, None
 

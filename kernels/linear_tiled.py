@@ -130,16 +130,20 @@ def _linear_lse_fwd_kernel(
     "HAS_BIAS": lambda args: args["bias"] is not None,
     "HAS_DLOGPS": lambda args: args["dlogps"] is not None,
     "HAS_DENTROPY": lambda args: args["dentropy"] is not None,
+    "NEED_DHIDDEN": lambda args: args["dhidden"] is not None,
+    "NEED_DWEIGHT": lambda args: args["dweight"] is not None,
+    "NEED_DBIAS": lambda args: args["dbias"] is not None,
 })
 @triton.jit
 def _linear_lse_bwd_kernel(
     hidden, weight, bias, ids, lse, entropy, dlogps, dentropy,  # (N, H), (V, H), (V,), (N,) x5
-    dhidden, dweight, dbias,  # fp32 accumulators (N, H), (V, H), (V,) (dbias None without bias)
+    dhidden, dweight, dbias,  # fp32 accumulators (N, H), (V, H), (V,); None when not needed
     N, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temperature, filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DLOGPS: tl.constexpr, HAS_DENTROPY: tl.constexpr,
+    NEED_DHIDDEN: tl.constexpr, NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr,
     FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -174,22 +178,24 @@ def _linear_lse_bwd_kernel(
             centered = tl.where(valid, z - (row_lse - row_ent)[:, None], 0.0)
             dz -= g_ent[:, None] * p * centered
         dlogits = tl.where(valid, dz * inv_temperature, 0.0)
-        if HAS_BIAS:
+        if NEED_DBIAS:
             tl.atomic_add(dbias + cols64, tl.sum(dlogits, 0), mask=col_ok)
         dlogits_in = dlogits.to(hidden.dtype.element_ty)
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_ok = hs < H
-            x = tl.load(hidden + rows64[:, None] * stride_hn + hs[None, :] * stride_hh,
-                        mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-            w = tl.load(weight + cols64[:, None] * stride_wv + hs[None, :] * stride_wh,
-                        mask=col_ok[:, None] & h_ok[None, :], other=0.0)
-            dx = tl.dot(dlogits_in, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
-            dw = tl.dot(tl.trans(dlogits_in), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(dhidden + rows64[:, None] * H + hs[None, :], dx,
-                          mask=row_ok[:, None] & h_ok[None, :])
-            tl.atomic_add(dweight + cols64[:, None] * H + hs[None, :], dw,
-                          mask=col_ok[:, None] & h_ok[None, :])
+            if NEED_DHIDDEN:
+                w = tl.load(weight + cols64[:, None] * stride_wv + hs[None, :] * stride_wh,
+                            mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+                dx = tl.dot(dlogits_in, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+                tl.atomic_add(dhidden + rows64[:, None] * H + hs[None, :], dx,
+                              mask=row_ok[:, None] & h_ok[None, :])
+            if NEED_DWEIGHT:
+                x = tl.load(hidden + rows64[:, None] * stride_hn + hs[None, :] * stride_hh,
+                            mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+                dw = tl.dot(tl.trans(dlogits_in), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+                tl.atomic_add(dweight + cols64[:, None] * H + hs[None, :], dw,
+                              mask=col_ok[:, None] & h_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -312,7 +318,8 @@ def linear_lse_bwd(
     temperature: float,
     filter_eps: Optional[float] = None,
     config: Optional[TiledConfig] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    needs: Tuple[bool, bool, bool] = (True, True, True),
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the tiled strategy: recomputes the logit tiles.
 
     Args:
@@ -321,24 +328,29 @@ def linear_lse_bwd(
         dlogps / dentropy: ``(N,)`` gradients of the outputs, or None (zero).
         filter_eps: skip tiles whose softmax is below it everywhere and that hold no target
             (gradient filtering, an approximation); None (default) computes every tile.
+        needs: which of ``(dhidden, dweight, dbias)`` to compute (a frozen lm_head skips its
+            fp32 accumulator and half the backward GEMM work).
 
     Returns:
-        ``(dhidden, dweight, dbias_or_None)`` in the dtypes of hidden, weight and bias.
+        ``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias; None where not
+        needed (dbias also without a bias).
     """
     cfg = config or default_config(hidden.device)
     N, H = hidden.shape
     V = weight.shape[0]
     hidden_k, weight_k, bias_k, precision = _kernel_operands(hidden, weight, bias)
     ids = ids.contiguous()
-    dhidden = torch.zeros((N, H), dtype=torch.float32, device=hidden.device)
-    dweight = torch.zeros((V, H), dtype=torch.float32, device=hidden.device)
-    dbias = None if bias is None else torch.zeros((V,), dtype=torch.float32, device=hidden.device)
+    need_dhidden, need_dweight, need_dbias = needs
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dhidden = torch.zeros((N, H), **f32) if need_dhidden else None
+    dweight = torch.zeros((V, H), **f32) if need_dweight else None
+    dbias = torch.zeros((V,), **f32) if need_dbias and bias is not None else None
     if dlogps is not None:
         dlogps = dlogps.float().contiguous()
     if dentropy is not None:
         dentropy = dentropy.float().contiguous()
         entropy = entropy.float().contiguous()
-    if N > 0 and (dlogps is not None or dentropy is not None):
+    if N > 0 and (dlogps is not None or dentropy is not None) and (need_dhidden or need_dweight or dbias is not None):
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))
         _linear_lse_bwd_kernel[grid](
             hidden_k, weight_k, bias_k, ids, lse, entropy, dlogps, dentropy,
@@ -351,9 +363,9 @@ def linear_lse_bwd(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return (
-        dhidden.to(hidden.dtype),
-        dweight.to(weight.dtype),
-        None if bias is None else dbias.to(bias.dtype),
+        None if dhidden is None else dhidden.to(hidden.dtype),
+        None if dweight is None else dweight.to(weight.dtype),
+        None if dbias is None else dbias.to(bias.dtype),
     )
 
 
@@ -387,7 +399,8 @@ class LinearLogSoftmaxTiled(torch.autograd.Function):
         hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
         s: _TiledState = ctx.state
         dhidden, dweight, dbias = linear_lse_bwd(
-            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.filter_eps, s.config
+            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.filter_eps, s.config,
+            needs=tuple(ctx.needs_input_grad[:3]),
         )
         return dhidden, dweight, dbias, None, None, None, None, None
 

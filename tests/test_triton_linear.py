@@ -281,6 +281,24 @@ def test_gradient_of_logps_only_and_entropy_only(strategy):
                 assert _max_err(a, e) <= 2e-5 * _scale(e)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_frozen_lm_head_and_frozen_hidden(strategy):
+    # Only the leaves that require grad get one (a frozen lm_head, as with LoRA, skips dweight).
+    hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=15)
+    truth = _reference(hidden, weight, b, ids, 1.0, True)
+    for trainable in ("hidden", "weight"):
+        h = hidden.clone().requires_grad_(trainable == "hidden")
+        w = weight.clone().requires_grad_(trainable == "weight")
+        logps, entropy = linear_log_softmax(h, w, ids, 1.0, b, True, strategy)
+        g = _gen(7)
+        gl = torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE)
+        ge = torch.randn(N, generator=g, dtype=torch.float64).to(DEVICE)
+        ((logps.double() * gl).sum() + (entropy.double() * ge).sum()).backward()
+        leaf, frozen, expected = (h, w, truth[2][0]) if trainable == "hidden" else (w, h, truth[2][1])
+        assert frozen.grad is None
+        assert _max_err(leaf.grad, expected) <= 2e-5 * _scale(expected)
+
+
 def test_tiled_vocab_splits_merge():
     # The forward merges per-split partials; 1, 3 and 5 (= one tile each) splits agree with the truth.
     hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=11)
