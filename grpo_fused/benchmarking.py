@@ -637,6 +637,8 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions,
         "git_revision": rev,
+        # Other work on a shared machine skews timings; the load average says how much there was.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 

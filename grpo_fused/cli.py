@@ -16,6 +16,7 @@ Shapes default to DESIGN.md's reference shapes on a GPU and to small fp32 shapes
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import List, Optional
@@ -242,7 +243,7 @@ def cmd_profile_memory(args) -> int:
 
 def cmd_train(argv: List[str]) -> int:
     try:
-        from . import trainer
+        trainer = importlib.import_module("grpo_fused.trainer")
     except ImportError as exc:
         print(f"grpo-fused train: the trainer is not available in this installation (grpo_fused.trainer could "
               f"not be imported: {exc})", file=sys.stderr)

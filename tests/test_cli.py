@@ -1,0 +1,189 @@
+"""The ``grpo-fused`` command: bench / profile-memory produce sane JSON, tables and a PNG; train forwards.
+
+The measurements run the eager reference on tiny CPU shapes in worker subprocesses (one per op),
+exactly as ``grpo-fused bench`` does on a machine with no GPU. Sizes: V = 1031 / 2053 (primes, not
+a multiple of any block), odd T, so the numbers below are the shapes' own, not round defaults.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from grpo_fused import benchmarking as bm
+from grpo_fused import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, T, V, H = 2, 25, 1031, 48
+SWEEP_T, SWEEP_V, SWEEP_H = (16, 64), 2053, 32
+MIB = 1 << 20
+
+
+def _only(paths, prefix, suffix):
+    found = [p for p in paths if p.startswith(prefix) and p.endswith(suffix)]
+    assert len(found) == 1, paths
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One bench and one profile-memory run into a fresh results folder (they take most of the time)."""
+    out = str(tmp_path_factory.mktemp("results"))
+    outputs = {}
+    import contextlib
+    import io
+
+    for name, argv in {
+        "bench": ["bench", "--device", "cpu", "--providers", "eager,triton,liger", "--batch", str(B), "--seq", str(T),
+                  "--vocab", str(V), "--hidden", str(H), "--warmup", "1", "--reps", "2"],
+        "memory": ["profile-memory", "--device", "cpu", "--providers", "eager", "--seq-lens",
+                   ",".join(map(str, SWEEP_T)), "--vocab", str(SWEEP_V), "--hidden", str(SWEEP_H)],
+    }.items():
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            status = cli.main(argv + ["--out-dir", out, "--plain", "--no-progress", "--timeout", "300"])
+        assert status == 0
+        outputs[name] = buf.getvalue()
+    files = sorted(os.listdir(out))
+    with open(os.path.join(out, _only(files, "bench-cpu-", ".json"))) as f:
+        bench = json.load(f)
+    with open(os.path.join(out, _only(files, "memory-cpu-", ".json"))) as f:
+        memory = json.load(f)
+    return dict(out=out, files=files, bench=bench, memory=memory, stdout=outputs)
+
+
+def test_bench_json_header(runs):
+    doc = runs["bench"]
+    assert doc["kind"] == "bench" and doc["device"]["type"] == "cpu" and doc["cpu_only"] is True
+    assert doc["versions"]["torch"] == torch.__version__
+    assert doc["date"][:2] == "20" and "T" in doc["date"]
+    assert doc["reps"] == 2 and doc["warmup"] == 1
+    assert doc["memory_method"].startswith("cpu-")
+    assert doc["floors"]["bandwidth"] > 0 and doc["floors"]["gemm_flops"] > 0
+    shapes = {c["op"]: (c["B"], c["T"], c["V"], c["H"], c["dtype"]) for c in doc["cases"]}
+    assert shapes == {"logits": (B, T, V, None, "float32"), "linear": (B, T, V, H, "float32")}
+
+
+def test_bench_eager_figures(runs):
+    rows = {(r["op"], r["provider"]): r for r in runs["bench"]["results"]}
+    N = B * T
+    for op in ("logits", "linear"):
+        r = rows[(op, "eager")]
+        assert r["status"] == "ok", r.get("reason")
+        for mode in bm.MODES:
+            t = r["time_ms"][mode]
+            assert t["reps"] == 2 and 0 < t["min"] <= t["median"] <= t["max"]
+            assert r["rates"][mode]["achieved"] > 0 and r["rates"][mode]["pct_of_floor"] > 0
+            assert r["speedup_vs_eager"][mode] == 1.0
+        # The eager reference keeps at least the fp32 logits and their gradient alive at its peak;
+        # the inputs (and the ~300 MB of the interpreter and torch) must not be counted.
+        assert 2 * N * V * 4 <= r["peak_memory_bytes"] < 64 * MIB
+        assert r["memory_vs_eager"] == 1.0
+    # Hand-computed work: 3 * N * V * 4 bytes for the logits path, 8 * N * V * H FLOPs for the linear path.
+    assert rows[("logits", "eager")]["case"]["work"]["fwd+bwd"] == 3 * 50 * 1031 * 4
+    assert rows[("linear", "eager")]["case"]["work"]["fwd+bwd"] == 8 * 50 * 1031 * 48
+    rate = rows[("logits", "eager")]["rates"]["fwd+bwd"]
+    median_s = rows[("logits", "eager")]["time_ms"]["fwd+bwd"]["median"] / 1e3
+    assert rate["achieved"] == pytest.approx(3 * 50 * 1031 * 4 / median_s / 1e12)
+
+
+def test_bench_lists_unavailable_with_reason(runs):
+    rows = {(r["op"], r["provider"]): r for r in runs["bench"]["results"]}
+    assert rows[("logits", "liger")]["status"] == "unavailable"
+    assert "CUDA" in rows[("logits", "liger")]["reason"]
+    assert rows[("logits", "triton")]["status"] == "unavailable"
+    assert ("linear", "triton") not in rows  # the logits-path provider is not a linear-path one
+    text = runs["stdout"]["bench"]
+    assert "eager" in text and "liger" in text and "Not measured" in text and "wrote " in text
+    table_rows = [line.split()[:2] for line in text.splitlines()]
+    assert ["logits", "eager"] in table_rows and ["linear", "eager"] in table_rows
+
+
+def test_profile_memory_json_and_png(runs):
+    doc = runs["memory"]
+    assert doc["kind"] == "memory" and doc["sweep"]["seq_lens"] == list(SWEEP_T)
+    for r in doc["results"]:
+        assert r["provider"] == "eager" and r["status"] == "ok"
+        points = r["points"]
+        assert [p["status"] for p in points] == ["ok", "ok"], points
+        small, large = (p["peak_memory_bytes"] for p in points)
+        # 4x the tokens: the (N, V) buffers dominate, so the peak must grow at least 2x.
+        assert 2 * SWEEP_T[0] * SWEEP_V * 4 <= small and large >= 2 * small
+        assert large < 64 * MIB
+    png = _only(runs["files"], "memory-cpu-", ".png")
+    with open(os.path.join(runs["out"], png), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(os.path.join(runs["out"], png))
+    assert image.shape[0] > 300 and image.shape[1] > 1000  # two readable panels
+    assert "eager" in runs["stdout"]["memory"] and "T=64" in runs["stdout"]["memory"]
+
+
+def test_render_marks_cpu_only(runs):
+    spec = importlib.util.spec_from_file_location("render", os.path.join(ROOT, "benchmarks", "render.py"))
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    text = render.render(runs["out"])
+    assert text.startswith("> **CPU-only figures**")
+    assert "| eager |" in text and f"N={SWEEP_T[1]}" in text
+    assert os.path.exists(os.path.join(runs["out"], "README_table.md"))
+    assert os.path.exists(os.path.join(runs["out"], "memory.png"))
+
+
+def test_newest_prefers_gpu():
+    spec = importlib.util.spec_from_file_location("render", os.path.join(ROOT, "benchmarks", "render.py"))
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    docs = [{"device": {"type": "cuda"}, "date": "2026-01-01T00:00:00+00:00"},
+            {"device": {"type": "cpu"}, "date": "2026-06-01T00:00:00+00:00"},
+            {"device": {"type": "cuda"}, "date": "2026-02-01T00:00:00+00:00"}]
+    assert render.newest(docs) is docs[2]
+    assert render.newest(docs[1:2]) is docs[1]
+
+
+def test_summarize_and_work_by_hand():
+    s = bm.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["median"], s["min"], s["max"], s["reps"]) == (3.0, 1.0, 5.0, 5)
+    assert s["p20"] == pytest.approx(1.8) and s["p80"] == pytest.approx(4.2)
+    bf16 = bm.Case("logits", 8, 2048, 151936, None, "bfloat16")
+    assert bf16.work()["fwd+bwd"] == 3 * 16384 * 151936 * 2  # DESIGN.md: 14.9 GB
+    lin = bm.Case("linear", 8, 2048, 151936, 3584, "bfloat16")
+    assert lin.work()["fwd+bwd"] == pytest.approx(71.4e12, rel=1e-3)  # DESIGN.md: 71 TFLOP
+
+
+def test_train_forwards_arguments(monkeypatch):
+    seen = []
+    fake = types.ModuleType("grpo_fused.trainer")
+    fake.main = lambda argv: seen.append(list(argv))
+    monkeypatch.setitem(sys.modules, "grpo_fused.trainer", fake)
+    assert cli.main(["train", "--steps", "3", "--help"]) == 0
+    assert seen == [["--steps", "3", "--help"]]
+
+
+def test_train_without_trainer_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "grpo_fused.trainer", None)  # makes the import fail
+    assert cli.main(["train"]) == 2
+    assert "grpo_fused.trainer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench", "--ops", "logits,nope"], "--ops"),
+    (["bench", "--providers", "eager,fast"], "unknown provider"),
+    (["profile-memory", "--seq-lens", "0,8"], "positive"),
+])
+def test_bad_arguments(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv + ["--device", "cpu"])
+    assert needle in str(info.value) + capsys.readouterr().err
+
+
+def test_python_m_help():
+    proc = subprocess.run([sys.executable, "-m", "grpo_fused", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "bench" in proc.stdout and "profile-memory" in proc.stdout and "train" in proc.stdout
