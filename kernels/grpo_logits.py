@@ -41,14 +41,17 @@ from .selective_log_softmax import (
     _acc_dtype,
     _as_rows,
     _launch_config,
+    _launchable,
     _row_offset,
     _row_softmax_stats,
-    vocab_bwd,
+    check_inplace_backward,
+    dlogits_from_row_grads,
+    triton_op,
 )
 
 Tensor = torch.Tensor
 
-__all__ = ["grpo_loss", "grpo_fwd", "grpo_bwd", "GRPOLogitsLoss"]
+__all__ = ["grpo_loss", "grpo_fwd", "GRPOLogitsLoss", "TokenTerms", "token_weights"]
 
 # Surrogate families of the epilogue (constexpr codes).
 LOSS_CLIP, LOSS_CISPO, LOSS_SAPO, LOSS_GPG = 0, 1, 2, 3
@@ -152,15 +155,6 @@ def _kl_term(logp, ref_logp, KL: tl.constexpr):
     return kl, dkl
 
 
-@triton.heuristics(
-    {
-        "HAS_OLD": lambda args: args["old_logps_ptr"] is not None,
-        "HAS_KL": lambda args: args["ref_logps_ptr"] is not None,
-        "HAS_IS_WEIGHTS": lambda args: args["is_weights_ptr"] is not None,
-        "HAS_ENTROPY_BONUS": lambda args: args["entropy_weights_ptr"] is not None,
-        "COMPUTE_ENTROPY": lambda args: args["entropy_ptr"] is not None,
-    }
-)
 @triton.jit
 def _grpo_logits_fwd_kernel(
     logits_ptr,  # (N, V) rows addressed through (rows_inner, stride_outer, stride_inner)
@@ -287,9 +281,8 @@ def grpo_fwd(
     ref_logps: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None,
     entropy_weights: Optional[Tensor] = None,
-    block_v: Optional[int] = None,
 ) -> TokenTerms:
-    """One launch: vocab pass + token-level GRPO epilogue.
+    """One launch: vocab pass + token-level GRPO epilogue (through the ``torch.library`` op).
 
     Args:
         logits: ``(N, V)`` or ``(B, T, V)``, last dim contiguous, any float dtype.
@@ -302,6 +295,53 @@ def grpo_fwd(
     """
     if config.is_sequence_level:
         raise ValueError("grpo_fwd evaluates token-level surrogates only (GSPO/GMPO go through grpo_loss)")
+    has_kl = config.beta != 0.0
+    if has_kl and ref_logps is None:
+        raise ValueError("ref_logps is required when config.beta != 0")
+    c = config
+    logps, lse, entropy, loss, dlogps, ratio, kl, flags = _grpo_fwd_op(
+        logits, ids, advantages, token_weights, old_logps, ref_logps if has_kl else None, is_weights,
+        entropy_weights if c.compute_entropy else None,
+        c.temperature, c.epsilon_low, c.eps_high,
+        c.delta if c.delta is not None else 0.0,
+        c.clip_ratio_c if c.clip_ratio_c is not None else 0.0,
+        c.beta, c.sapo_temperature_pos, c.sapo_temperature_neg, c.entropy_coef,
+        _LOSS_CODE[c.loss_type], _KL_CODE[c.kl_estimator],
+        c.delta is not None, c.clip_ratio_c is not None, c.cispo_two_sided, c.use_bias_correction_kl,
+        c.compute_entropy,
+    )
+    return TokenTerms(logps, lse, entropy if c.compute_entropy else None, loss, dlogps, ratio,
+                      kl if has_kl else None, flags)
+
+
+def _grpo_fwd_launch(
+    logits: Tensor,
+    ids: Tensor,
+    advantages: Tensor,
+    token_weights: Tensor,
+    old_logps: Optional[Tensor],
+    ref_logps: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    entropy_weights: Optional[Tensor],
+    temperature: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float,
+    clip_ratio_c: float,
+    beta: float,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
+    entropy_coef: float,
+    loss_code: int,
+    kl_code: int,
+    has_delta: bool,
+    has_dual_clip: bool,
+    cispo_two_sided: bool,
+    bias_correct_kl: bool,
+    compute_entropy: bool,
+    block_v: Optional[int] = None,
+) -> Tuple[Tensor, ...]:
+    """Validate, allocate, launch. ``ref_logps=None`` means no KL term; absent outputs are empty."""
     layout = RowLayout.of(logits)
     acc = _acc_dtype(logits.dtype)
     n = layout.n_rows
@@ -309,89 +349,101 @@ def grpo_fwd(
         raise ValueError(f"ids must have {n} elements (one per logits row), got shape {tuple(ids.shape)}")
     for name, t in (("advantages", advantages), ("token_weights", token_weights), ("old_logps", old_logps),
                     ("ref_logps", ref_logps), ("is_weights", is_weights), ("entropy_weights", entropy_weights)):
-        if t is not None and (t.shape != (n,) or t.dtype != acc or not t.is_contiguous()):
+        if t is not None and (tuple(t.shape) != (n,) or t.dtype != acc or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({n},) {acc} tensor, got {tuple(t.shape)} {t.dtype}")
-    has_kl = config.beta != 0.0
-    if has_kl and ref_logps is None:
-        raise ValueError("ref_logps is required when config.beta != 0")
     device = logits.device
+    has_kl = ref_logps is not None
 
-    def new(dtype=acc):
-        return torch.empty(n, dtype=dtype, device=device)
+    def new(present=True, dtype=acc):
+        return torch.empty(n if present else 0, dtype=dtype, device=device)
 
-    compute_entropy = config.compute_entropy
-    terms = TokenTerms(
-        logps=new(), lse=new(), entropy=new() if compute_entropy else None, loss=new(), dlogps=new(),
-        ratio=new(), kl=new() if has_kl else None, flags=new(torch.int8),
-    )
+    logps, lse, entropy, loss, dlogps, ratio = new(), new(), new(compute_entropy), new(), new(), new()
+    kl, flags = new(has_kl), new(dtype=torch.int8)
     if n == 0:
-        return terms
+        return logps, lse, entropy, loss, dlogps, ratio, kl, flags
     block, warps = _launch_config(layout.vocab, block_v)
-    c = config
-    _grpo_logits_fwd_kernel[(n,)](
+    _launchable(_grpo_logits_fwd_kernel)[(n,)](
         logits,
         ids.reshape(-1).contiguous(),
         advantages,
         old_logps,
-        ref_logps if has_kl else None,
+        ref_logps,
         is_weights,
         token_weights,
         entropy_weights if compute_entropy else None,
-        terms.logps,
-        terms.lse,
-        terms.entropy,
-        terms.loss,
-        terms.dlogps,
-        terms.ratio,
-        terms.kl if has_kl else terms.ratio,  # never written without HAS_KL
-        terms.flags,
+        logps,
+        lse,
+        entropy,
+        loss,
+        dlogps,
+        ratio,
+        kl,
+        flags,
         layout.vocab,
         layout.rows_inner,
         layout.stride_outer,
         layout.stride_inner,
-        1.0 / c.temperature,
-        1.0 - c.epsilon_low,
-        1.0 + c.eps_high,
-        c.eps_high,
-        c.delta if c.delta is not None else 0.0,
-        c.clip_ratio_c if c.clip_ratio_c is not None else 0.0,
-        c.beta,
-        c.sapo_temperature_pos,
-        c.sapo_temperature_neg,
-        c.entropy_coef,
+        1.0 / temperature,
+        1.0 - epsilon_low,
+        1.0 + epsilon_high,
+        epsilon_high,
+        delta,
+        clip_ratio_c,
+        beta,
+        sapo_tau_pos,
+        sapo_tau_neg,
+        entropy_coef,
         BLOCK_V=block,
-        LOSS=_LOSS_CODE[c.loss_type],
-        KL=_KL_CODE[c.kl_estimator],
-        HAS_DELTA=c.delta is not None,
-        HAS_DUAL_CLIP=c.clip_ratio_c is not None,
-        CISPO_TWO_SIDED=c.cispo_two_sided,
-        BIAS_CORRECT_KL=c.use_bias_correction_kl,
+        LOSS=loss_code,
+        KL=kl_code,
+        HAS_DELTA=has_delta,
+        HAS_DUAL_CLIP=has_dual_clip,
+        CISPO_TWO_SIDED=cispo_two_sided,
+        BIAS_CORRECT_KL=bias_correct_kl,
+        HAS_OLD=old_logps is not None,
+        HAS_KL=has_kl,
+        HAS_IS_WEIGHTS=is_weights is not None,
+        HAS_ENTROPY_BONUS=compute_entropy and entropy_weights is not None,
+        COMPUTE_ENTROPY=compute_entropy,
         ACC_DTYPE=_TL_DTYPE[acc],
         num_warps=warps,
     )
-    return terms
+    return logps, lse, entropy, loss, dlogps, ratio, kl, flags
 
 
-def grpo_bwd(
+@triton_op("triton_grpo_logits_fwd")
+def _grpo_fwd_op(
     logits: Tensor,
     ids: Tensor,
-    lse: Tensor,
-    dloss_dlogps: Tensor,
-    entropy: Optional[Tensor],
-    grad_loss: Tensor,
+    advantages: Tensor,
+    token_weights: Tensor,
+    old_logps: Optional[Tensor],
+    ref_logps: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    entropy_weights: Optional[Tensor],
     temperature: float,
-    entropy_dweights: Optional[Tensor] = None,
-    out: Optional[Tensor] = None,
-) -> Tensor:
-    """``dlogits`` of ``grad_loss * loss``: one launch of the vocab backward kernel.
-
-    ``lse``, ``dloss_dlogps`` and ``entropy`` are the :class:`TokenTerms` fields of forward;
-    ``entropy_dweights`` is ``d loss / d H_t`` ``(N,)`` (the bonus: ``-entropy_coef * mask /
-    max(sum mask, 1)``), or None. ``grad_loss`` is a 0-dim tensor (read on device, no sync).
-    """
-    dlogps = dloss_dlogps * grad_loss
-    dentropy = None if entropy_dweights is None else entropy_dweights * grad_loss
-    return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature, out=out)
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float,
+    clip_ratio_c: float,
+    beta: float,
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
+    entropy_coef: float,
+    loss_code: int,
+    kl_code: int,
+    has_delta: bool,
+    has_dual_clip: bool,
+    cispo_two_sided: bool,
+    bias_correct_kl: bool,
+    compute_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _grpo_fwd_launch(
+        logits, ids, advantages, token_weights, old_logps, ref_logps, is_weights, entropy_weights,
+        temperature, epsilon_low, epsilon_high, delta, clip_ratio_c, beta, sapo_tau_pos, sapo_tau_neg,
+        entropy_coef, loss_code, kl_code, has_delta, has_dual_clip, cispo_two_sided, bias_correct_kl,
+        compute_entropy,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -401,10 +453,6 @@ def grpo_bwd(
 
 @dataclasses.dataclass(frozen=True)
 class _SavedGRPO:
-    lse: Tensor
-    entropy: Optional[Tensor]
-    dlogps: Tensor
-    entropy_dweights: Optional[Tensor]
     temperature: float
     inplace_backward: bool
     logits_shape: Tuple[int, ...]
@@ -413,7 +461,9 @@ class _SavedGRPO:
 class GRPOLogitsLoss(torch.autograd.Function):
     """Token-level GRPO loss: ``(logits, ids, per-token inputs) -> (loss, TokenTerms fields)``.
 
-    Differentiable in ``logits`` only; advantages, old / ref logps and weights are data.
+    Differentiable in ``logits`` only; advantages, old / ref logps and weights are data. The
+    backward is one launch of the vocab backward kernel with ``dlogp_t = dloss * (dloss/dlogp)_t``
+    and, with an entropy bonus, ``dH_t = -dloss * entropy_coef * wH_t``.
     """
 
     @staticmethod
@@ -426,22 +476,20 @@ class GRPOLogitsLoss(torch.autograd.Function):
         entropy_dweights = None
         if entropy_weights is not None and terms.entropy is not None:
             entropy_dweights = entropy_weights * (-config.entropy_coef)
-        # The (N,) buffers live on ctx (not save_for_backward): they are fresh outputs of this
-        # op that nothing else can modify, and the logits are saved for the version check.
-        ctx.saved = _SavedGRPO(terms.lse, terms.entropy, terms.dlogps, entropy_dweights, config.temperature, inplace_backward,
-                               tuple(logits.shape))
-        ctx.save_for_backward(rows, ids)
+        ctx.saved = _SavedGRPO(config.temperature, inplace_backward, tuple(logits.shape))
+        ctx.save_for_backward(rows, ids, terms.lse, terms.dlogps, terms.entropy, entropy_dweights)
         outputs = (terms.logps, terms.entropy, terms.ratio, terms.kl, terms.flags)
         ctx.mark_non_differentiable(*[t for t in outputs if t is not None])
         return (loss,) + outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        rows, ids = ctx.saved_tensors
+        rows, ids, lse, dloss_dlogps, entropy, entropy_dweights = ctx.saved_tensors
         saved: _SavedGRPO = ctx.saved
-        out = rows if saved.inplace_backward else None
-        dlogits = grpo_bwd(rows, ids, saved.lse, saved.dlogps, saved.entropy, grad_loss,
-                           saved.temperature, saved.entropy_dweights, out=out)
+        dlogps = dloss_dlogps * grad_loss
+        dentropy = None if entropy_dweights is None else entropy_dweights * grad_loss
+        dlogits = dlogits_from_row_grads(rows, ids, lse, dlogps, dentropy, entropy, saved.temperature,
+                                         saved.inplace_backward)
         return (dlogits.view(saved.logits_shape),) + (None,) * 9
 
 
@@ -533,8 +581,8 @@ def grpo_loss(
     B, T = completion_ids.shape
     acc = _acc_dtype(logits.dtype)
     device = logits.device
-    if inplace_backward and _as_rows(logits).data_ptr() != logits.data_ptr():
-        raise ValueError("inplace_backward=True needs logits with a contiguous last dim (no copy to write into)")
+    if inplace_backward:
+        check_inplace_backward(logits)
     mask = torch.ones(B, T, dtype=acc, device=device) if completion_mask is None else completion_mask.to(acc)
 
     if config.is_sequence_level:

@@ -98,7 +98,6 @@ def _row_offset(row, rows_inner, stride_outer, stride_inner):
     return (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
 
 
-@triton.heuristics({"COMPUTE_ENTROPY": lambda args: args["entropy_ptr"] is not None})
 @triton.jit
 def _selective_log_softmax_fwd_kernel(
     logits_ptr,  # (N, V) rows addressed through (rows_inner, stride_outer, stride_inner)
@@ -127,7 +126,6 @@ def _selective_log_softmax_fwd_kernel(
         tl.store(entropy_ptr + row, entropy)
 
 
-@triton.heuristics({"HAS_DENTROPY": lambda args: args["dentropy_ptr"] is not None})
 @triton.jit
 def _selective_log_softmax_bwd_kernel(
     logits_ptr,  # (N, V), read
@@ -212,6 +210,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+def _launchable(kernel):
+    """The kernel, launchable both eagerly and inside a ``torch.library.triton_op`` being traced.
+
+    This is the one place the torch.compile integration shapes the kernels: ``wrap_triton``
+    accepts plain ``@triton.jit`` functions but not ``@triton.heuristics`` wrappers, so the
+    optional-tensor flags (``HAS_OLD``, ``COMPUTE_ENTROPY``, ...) are computed by the launchers
+    as ``tensor is not None`` and passed as constexpr keywords instead of by heuristics.
+    """
+    return torch.library.wrap_triton(kernel)
+
+
 def _launch_config(vocab: int, block_v: Optional[int]) -> Tuple[int, int]:
     """``(BLOCK_V, num_warps)``: a fixed config, not autotuned (no tuning race, fast first call)."""
     if block_v is None:
@@ -260,7 +269,7 @@ def vocab_fwd(
     if layout.vocab == 0:
         raise ValueError("logits must have a non-empty vocab dim")
     block, warps = _launch_config(layout.vocab, block_v)
-    _selective_log_softmax_fwd_kernel[(n,)](
+    _launchable(_selective_log_softmax_fwd_kernel)[(n,)](
         logits,
         _flat_ids(ids),
         logps,
@@ -272,6 +281,7 @@ def vocab_fwd(
         layout.stride_inner,
         1.0 / temperature,
         BLOCK_V=block,
+        COMPUTE_ENTROPY=entropy is not None,
         ACC_DTYPE=_TL_DTYPE[acc],
         num_warps=warps,
     )
@@ -313,7 +323,7 @@ def vocab_bwd(
     def flat(t):
         return None if t is None else t.reshape(-1).contiguous()
 
-    _selective_log_softmax_bwd_kernel[(n,)](
+    _launchable(_selective_log_softmax_bwd_kernel)[(n,)](
         logits,
         out,
         _flat_ids(ids),
@@ -329,6 +339,7 @@ def vocab_bwd(
         out_layout.stride_inner,
         1.0 / temperature,
         BLOCK_V=block,
+        HAS_DENTROPY=dentropy is not None,
         ACC_DTYPE=_TL_DTYPE[acc],
         num_warps=warps,
     )
@@ -389,6 +400,80 @@ def logits_bwd(
 
 
 # --------------------------------------------------------------------------------------
+# torch.library ops: what torch.compile(fullgraph=True) traces; the launchers run inside.
+# --------------------------------------------------------------------------------------
+
+
+def triton_op(name: str, mutates_args=()):
+    """``torch.library.triton_op("grpo_fused::<name>")``, tolerant of this file being imported twice.
+
+    (The source folder ``kernels/`` is importable as ``kernels`` from a checkout as well as
+    ``grpo_fused.kernels`` when installed; a second registration would raise.)
+    """
+
+    def register(fn):
+        if hasattr(torch.ops.grpo_fused, name):
+            return getattr(torch.ops.grpo_fused, name).default
+        return torch.library.triton_op(f"grpo_fused::{name}", mutates_args=mutates_args)(fn)
+
+    return register
+
+
+@triton_op("triton_vocab_fwd")
+def _vocab_fwd_op(logits: Tensor, ids: Tensor, temperature: float, compute_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    logps, lse, entropy = vocab_fwd(logits, ids, temperature, compute_entropy)
+    # A custom op cannot return None: an empty tensor stands for "entropy not computed".
+    return logps, lse, lse.new_empty(0) if entropy is None else entropy
+
+
+@triton_op("triton_vocab_bwd")
+def _vocab_bwd_op(
+    logits: Tensor,
+    ids: Tensor,
+    lse: Tensor,
+    dlogps: Tensor,
+    dentropy: Optional[Tensor],
+    entropy: Optional[Tensor],
+    temperature: float,
+) -> Tensor:
+    return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature)
+
+
+@triton_op("triton_vocab_bwd_inplace", mutates_args=("logits",))
+def _vocab_bwd_inplace_op(
+    logits: Tensor,
+    ids: Tensor,
+    lse: Tensor,
+    dlogps: Tensor,
+    dentropy: Optional[Tensor],
+    entropy: Optional[Tensor],
+    temperature: float,
+) -> None:
+    vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature, out=logits)
+
+
+def dlogits_from_row_grads(
+    rows: Tensor,
+    ids: Tensor,
+    lse: Tensor,
+    dlogps: Tensor,
+    dentropy: Optional[Tensor],
+    entropy: Optional[Tensor],
+    temperature: float,
+    inplace: bool,
+) -> Tensor:
+    """The backward op, in place (the gradient overwrites ``rows``, which is returned) or not.
+
+    Under torch.compile the out-of-place op is used: AOTAutograd does not let a backward graph
+    mutate a tensor saved from forward, so the in-place saving is an eager-mode feature.
+    """
+    if inplace and not torch.compiler.is_compiling():
+        _vocab_bwd_inplace_op(rows, ids, lse, dlogps, dentropy, entropy, temperature)
+        return rows
+    return _vocab_bwd_op(rows, ids, lse, dlogps, dentropy, entropy, temperature)
+
+
+# --------------------------------------------------------------------------------------
 # Autograd.
 # --------------------------------------------------------------------------------------
 
@@ -402,7 +487,8 @@ class _SavedVocabPass:
 
 
 def _as_rows(logits: Tensor) -> Tensor:
-    """``(..., V)`` -> a 2-D or 3-D tensor :class:`RowLayout` accepts, without a copy when possible."""
+    """``(..., V)`` -> a 2-D or 3-D tensor :class:`RowLayout` accepts: ``logits`` itself when it
+    already is one with a contiguous last dim, else a view, else a copy."""
     if logits.dim() in (2, 3) and (logits.shape[-1] <= 1 or logits.stride(-1) == 1):
         return logits
     if logits.dim() >= 1 and logits.shape[-1] > 1 and logits.stride(-1) != 1:
@@ -415,13 +501,23 @@ def _as_rows(logits: Tensor) -> Tensor:
         return logits.reshape(-1, logits.shape[-1])
 
 
+def check_inplace_backward(logits: Tensor) -> None:
+    """``inplace_backward`` writes into the logits' storage: refuse inputs read through a copy."""
+    if logits.dim() not in (2, 3) or (logits.shape[-1] > 1 and logits.stride(-1) != 1):
+        raise ValueError(
+            "inplace_backward=True needs 2-D or 3-D logits with a contiguous last dim (there would be "
+            f"no buffer to write into), got shape {tuple(logits.shape)} strides {logits.stride()}"
+        )
+
+
 class SelectiveLogSoftmax(torch.autograd.Function):
     """``(logits (..., V), ids (...)) -> (logps (...), entropy (...) or None)``, differentiable in logits."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, compute_entropy: bool, inplace_backward: bool):
         rows = _as_rows(logits)
-        logps, lse, entropy = vocab_fwd(rows, ids, temperature, compute_entropy)
+        logps, lse, entropy = _vocab_fwd_op(rows, ids, temperature, compute_entropy)
+        entropy = entropy if compute_entropy else None
         ctx.saved = _SavedVocabPass(temperature, compute_entropy, inplace_backward, tuple(logits.shape))
         # An output nobody differentiates arrives as None, not zeros: no entropy term in backward.
         ctx.set_materialize_grads(False)
@@ -437,8 +533,10 @@ class SelectiveLogSoftmax(torch.autograd.Function):
         saved: _SavedVocabPass = ctx.saved
         if dlogps is None:
             dlogps = torch.zeros_like(lse)
-        out = rows if saved.inplace_backward else None
-        dlogits = vocab_bwd(rows, ids, lse, dlogps, dentropy, entropy, saved.temperature, out=out)
+        dlogits = dlogits_from_row_grads(
+            rows, ids, lse, dlogps.reshape(-1), None if dentropy is None else dentropy.reshape(-1),
+            entropy, saved.temperature, saved.inplace_backward,
+        )
         return dlogits.view(saved.out_shape), None, None, None, None
 
 
@@ -458,11 +556,12 @@ def selective_log_softmax(
         temperature: divides the logits. Default 1.0.
         compute_entropy: also return the per-token entropy (same pass). Default False.
         inplace_backward: backward writes the gradient into ``logits``' buffer; the caller must
-            not read those logits after backward. Default False.
+            not read those logits after backward (eager mode only; under torch.compile the
+            gradient gets its own buffer). Default False.
 
     Returns:
         ``(logps, entropy)``, ``(...)`` fp32 (fp64 for fp64 logits); entropy is None unless asked.
     """
-    if inplace_backward and logits.dim() > 1 and _as_rows(logits).data_ptr() != logits.data_ptr():
-        raise ValueError("inplace_backward=True needs logits with a contiguous last dim (no copy to write into)")
+    if inplace_backward:
+        check_inplace_backward(logits)
     return SelectiveLogSoftmax.apply(logits, ids, float(temperature), bool(compute_entropy), bool(inplace_backward))

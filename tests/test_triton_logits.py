@@ -498,7 +498,7 @@ def test_grpo_fwd_bad_inputs_raise_before_launch():
 def test_new_float_hyperparameters_do_not_recompile():
     inputs = make_loss_inputs(torch.bfloat16)
     kwargs = {k: v for k, v in inputs.items() if k != "logits"}
-    kernel = gl._grpo_logits_fwd_kernel.fn
+    kernel = gl._grpo_logits_fwd_kernel
 
     def n_compiled():
         # triton 3.x: device -> (kernel_cache, kernel_key_cache, target, backend, binder)
@@ -510,3 +510,45 @@ def test_new_float_hyperparameters_do_not_recompile():
     for beta, temperature, eps in ((0.1, 0.7, 0.1), (0.3, 1.3, 0.25)):
         gl.grpo_loss(inputs["logits"], config=GRPOConfig(beta=beta, temperature=temperature, epsilon_low=eps), **kwargs)
     assert n_compiled() == before
+
+
+def test_ops_are_registered_with_torch_library():
+    for name in ("triton_vocab_fwd", "triton_vocab_bwd", "triton_vocab_bwd_inplace", "triton_grpo_logits_fwd"):
+        assert hasattr(torch.ops.grpo_fused, name), name
+    logits, ids = make_logits(5, 40, torch.float32, special_rows=False)
+    logps, lse, entropy = torch.ops.grpo_fused.triton_vocab_fwd(logits, ids, 1.0, False)
+    assert entropy.numel() == 0
+    assert_rows_close(logps, truth_vocab(logits, ids, 1.0)[0], 1e-6 + 8 * ulp_row(logits, 1.0), what="op logps")
+
+
+COMPILE_REASON = "torch.compile cannot trace Triton ops on CPU tensors (fake tensors have no data pointer)"
+
+
+@pytest.mark.skipif(not CUDA, reason=COMPILE_REASON)
+def test_opcheck_on_cuda():
+    logits, ids = make_logits(7, 257, torch.bfloat16)
+    torch.library.opcheck(torch.ops.grpo_fused.triton_vocab_fwd.default, (logits, ids, 0.7, True))
+    lse = sls.logits_fwd(logits, ids, 0.7, True)[1]
+    dlogps = torch.randn(7, device=DEVICE)
+    torch.library.opcheck(torch.ops.grpo_fused.triton_vocab_bwd.default, (logits, ids, lse, dlogps, None, None, 0.7))
+
+
+@pytest.mark.skipif(not CUDA, reason=COMPILE_REASON)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_loss_under_torch_compile_fullgraph(level):
+    inputs = make_loss_inputs(torch.bfloat16, B=4, T=33, V=32001)
+    kwargs = {k: v for k, v in inputs.items() if k != "logits"}
+    config = GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01, importance_sampling_level=level)
+
+    def step(logits):
+        return gl.grpo_loss(logits, config=config, **kwargs).loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    x_eager = inputs["logits"].clone().requires_grad_()
+    x_comp = inputs["logits"].clone().requires_grad_()
+    eager = step(x_eager)
+    eager.backward()
+    loss = compiled(x_comp)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=0, atol=0)
