@@ -338,14 +338,26 @@ def triton_cdiv(a, b):
 
 
 def test_chunk_rows_from_shapes():
-    # Qwen2.5-7B head in bf16, N = 16k: ceil(V / H) = 43 chunks of ceil(16384 / 43) = 382 tokens,
-    # rounded down to a multiple of 16.
-    assert linear_chunked.chunk_rows(16384, 151936, 3584, 2) == 368
-    # N = 128k: 3049 tokens by the hidden size, capped at 256 MiB of logits = 883 tokens -> 880.
-    assert linear_chunked.chunk_rows(131072, 151936, 3584, 2) == 880
-    # Few tokens: at least 16, at most N.
-    assert linear_chunked.chunk_rows(10, 257, 40, 4) == 10
-    assert linear_chunked.chunk_rows(100, 257, 40, 4) == 16
+    # Qwen2.5-7B head in bf16: 256 MiB of logits is 883 tokens, rounded down to 880, whatever N.
+    assert linear_chunked.chunk_rows(16384, 151936, 2) == 880
+    assert linear_chunked.chunk_rows(131072, 151936, 2) == 880
+    # Few tokens: one chunk of all of them. A huge vocab: never below 16 tokens.
+    assert linear_chunked.chunk_rows(10, 257, 4) == 10
+    assert linear_chunked.chunk_rows(1000, 2**24, 4) == 16
+
+
+def test_fp32_weight_gradient_accumulation_in_slices(monkeypatch):
+    # The bf16 product is added to the fp32 accumulator in bounded slices: 3 rows a slice here
+    # (V=37 -> 13 slices, the last one ragged); the sum must equal the fp64 product.
+    monkeypatch.setattr(linear_chunked, "ACC_SLICE_BYTES", 3 * 8 * 4)
+    g = _gen(16)
+    a = torch.randn(37, 5, generator=g).to(DEVICE, torch.bfloat16)
+    b = torch.randn(5, 8, generator=g).to(DEVICE, torch.bfloat16)
+    start = torch.randn(37, 8, generator=g).to(DEVICE)
+    acc = start.clone()
+    linear_chunked._accumulate_fp32(acc, a, b)
+    expected = start.double() + a.double() @ b.double()
+    assert _max_err(acc, expected) <= 1e-5 * _scale(expected)
 
 
 def test_resolve_strategy():
