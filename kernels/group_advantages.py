@@ -67,6 +67,24 @@ ZERO_STD_THRESHOLD = tl.constexpr(1e-8)
 
 
 @triton.jit
+def _div(num, den, ACC: tl.constexpr):
+    # fp32 ``/`` may lower to an approximate divide on GPUs; the reference rounds exactly.
+    if ACC == tl.float32:
+        return tl.math.div_rn(num, den)
+    else:
+        return num / den
+
+
+@triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    # tl.sqrt is the fast (approximate) fp32 square root; sqrt_rn is fp32 only.
+    if ACC == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
 def _member_rows(s0, starts, sizes, perm, BLOCK_S: tl.constexpr, HAS_PERM: tl.constexpr):
     """Reward rows ``(BLOCK_G, BLOCK_S)`` of members ``s0 .. s0 + BLOCK_S`` of each group."""
     members = s0 + tl.arange(0, BLOCK_S)
@@ -84,10 +102,11 @@ def _combined_rewards(
     rewards, reward_weights, keep_mask, rows, in_group, K,
     stride_rb, stride_rk, stride_w, stride_keep,
     ACC: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_KEEP: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """The combined reward (NaN-aware weighted sum over K, NaN when all K are NaN) and validity."""
-    total = tl.zeros(rows.shape, dtype=ACC)
-    scored = in_group & False
+    total = tl.zeros((BLOCK_G, BLOCK_S), dtype=ACC)
+    scored = tl.zeros((BLOCK_G, BLOCK_S), dtype=tl.int1)
     for k in range(K):
         x = tl.load(rewards + rows * stride_rb + k * stride_rk, mask=in_group, other=float("nan")).to(ACC)
         if HAS_WEIGHTS:
@@ -145,37 +164,37 @@ def _group_advantages_kernel(
         rows, in_group = _member_rows(0, starts, sizes, perm, BLOCK_S, HAS_PERM)
         r, valid = _combined_rewards(
             rewards, reward_weights, keep_mask, rows, in_group, K,
-            stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+            stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP, BLOCK_G, BLOCK_S,
         )
         group_sum = tl.sum(tl.where(valid, r, 0.0), axis=1)
         group_count = tl.sum(valid.to(ACC), axis=1)
-        group_mean = tl.where(group_count > 0, group_sum / tl.maximum(group_count, 1.0), float("nan"))
+        group_mean = tl.where(group_count > 0, _div(group_sum, tl.maximum(group_count, 1.0), ACC), float("nan"))
         dev = tl.where(valid, r - group_mean[:, None], 0.0)
         group_m2 = tl.sum(dev * dev, axis=1)
     else:
-        max_size = tl.max(sizes, axis=0)
+        max_size = tl.max(sizes, axis=0).to(tl.int32)
         group_sum = tl.zeros((BLOCK_G,), dtype=ACC)
         group_count = tl.zeros((BLOCK_G,), dtype=ACC)
         for s0 in range(0, max_size, BLOCK_S):
             rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
             r, valid = _combined_rewards(
                 rewards, reward_weights, keep_mask, rows, in_group, K,
-                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP, BLOCK_G, BLOCK_S,
             )
             group_sum += tl.sum(tl.where(valid, r, 0.0), axis=1)
             group_count += tl.sum(valid.to(ACC), axis=1)
-        group_mean = tl.where(group_count > 0, group_sum / tl.maximum(group_count, 1.0), float("nan"))
+        group_mean = tl.where(group_count > 0, _div(group_sum, tl.maximum(group_count, 1.0), ACC), float("nan"))
         group_m2 = tl.zeros((BLOCK_G,), dtype=ACC)
         for s0 in range(0, max_size, BLOCK_S):
             rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
             r, valid = _combined_rewards(
                 rewards, reward_weights, keep_mask, rows, in_group, K,
-                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP, BLOCK_G, BLOCK_S,
             )
             dev = tl.where(valid, r - group_mean[:, None], 0.0)
             group_m2 += tl.sum(dev * dev, axis=1)
 
-    group_std = tl.sqrt(group_m2 / tl.maximum(group_count - ddof, 1.0))
+    group_std = _sqrt(_div(group_m2, tl.maximum(group_count - ddof, 1.0), ACC), ACC)
     group_std = tl.where(group_count > ddof, group_std, float("nan"))
     # NaN std counts as zero std (the reference's ~(std > 1e-8)).
     zero_std = (group_count < 2) | (group_std <= ZERO_STD_THRESHOLD) | (group_std != group_std)
@@ -193,7 +212,7 @@ def _group_advantages_kernel(
 
     # Pass 3: advantages, combined rewards and group index of every member.
     if ONE_CHUNK:
-        adv = dev / denom[:, None]
+        adv = _div(dev, denom[:, None], ACC)
         adv = tl.where(valid & has_signal[:, None] & (tl.abs(adv) < float("inf")), adv, 0.0)
         tl.store(advantages + rows, adv, mask=in_group)
         tl.store(combined_out + rows, r, mask=in_group)
@@ -203,10 +222,10 @@ def _group_advantages_kernel(
             rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
             r, valid = _combined_rewards(
                 rewards, reward_weights, keep_mask, rows, in_group, K,
-                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP,
+                stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP, BLOCK_G, BLOCK_S,
             )
             dev = tl.where(valid, r - group_mean[:, None], 0.0)
-            adv = dev / denom[:, None]
+            adv = _div(dev, denom[:, None], ACC)
             adv = tl.where(valid & has_signal[:, None] & (tl.abs(adv) < float("inf")), adv, 0.0)
             tl.store(advantages + rows, adv, mask=in_group)
             tl.store(combined_out + rows, r, mask=in_group)
@@ -217,7 +236,7 @@ def _group_advantages_kernel(
     zero_std_groups = tl.sum(tl.where(group_live & zero_std, 1.0, 0.0).to(ACC), axis=0)
     if SCALE == 2:
         n_prog = tl.sum(group_count, axis=0)
-        mean_prog = tl.sum(group_sum, axis=0) / tl.maximum(n_prog, 1.0)
+        mean_prog = _div(tl.sum(group_sum, axis=0), tl.maximum(n_prog, 1.0), ACC)
         spread = group_mean - mean_prog
         m2_prog = tl.sum(tl.where(group_count > 0, group_m2 + group_count * spread * spread, 0.0), axis=0)
     else:
