@@ -1,8 +1,9 @@
 // Group-relative advantages on CPU: per-group mean / std of the valid rewards, then
 // (r - mean_g) / (std + eps), in three passes over the rewards (count and sum, squared
 // deviations, advantages). Statistics accumulate in double whatever the rewards' dtype.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>

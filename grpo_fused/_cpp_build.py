@@ -50,7 +50,7 @@ def _cpu_flags() -> List[str]:
 
 def compile_flags(native: bool = True) -> List[str]:
     """C++ flags of both builds; ``native=False`` (setup.py) leaves out CPU-specific ones."""
-    flags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-psabi"]
     return flags + (_cpu_flags() if native else [])
 
 
