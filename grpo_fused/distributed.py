@@ -513,7 +513,7 @@ def _check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-def _check_logits_side(logits_shard, ids, temperature, vocab_start, features_name="logits_shard"):
+def _check_logits_side(logits_shard, ids, temperature, vocab_start, chunk_size, features_name="logits_shard"):
     v.check_tensor(features_name, logits_shard, kind="float")
     if logits_shard.dim() < 1 or logits_shard.shape[-1] < 1:
         raise ValueError(f"{features_name} must be (..., V_r) with V_r >= 1, got shape {tuple(logits_shard.shape)}")
@@ -523,6 +523,7 @@ def _check_logits_side(logits_shard, ids, temperature, vocab_start, features_nam
     v.check_same_device(features_name, logits_shard, ids=ids)
     v.check_temperature(temperature)
     _check_vocab_start(vocab_start)
+    _check_chunk_size(chunk_size)
 
 
 def _check_linear_side(hidden, weight_shard, ids, temperature, bias_shard, vocab_start, chunk_size):
@@ -600,13 +601,20 @@ def _checked(check, *args):
 
 
 class _VocabParallelLogSoftmax(torch.autograd.Function):
-    """``(logits_shard (N, V_r), ids (N,)) -> (logps (N,), entropy (N,) or None)``."""
+    """``(logits_shard (N, V_r), ids (N,)) -> (logps (N,), entropy (N,) or None)``.
+
+    Token chunks of ``spec.chunk_size`` bound the fp32 temporaries to ``(chunk, V_r)``; the
+    only ``(N, V_r)`` tensor written is the gradient, in the logits' dtype.
+    """
 
     @staticmethod
     def forward(ctx, logits_shard: Tensor, ids: Tensor, spec: _ShardSpec):
         local_ids = ids.long() - spec.vocab_start
-        partials = shard_vocab_partials(logits_shard, local_ids, spec.temperature, spec.compute_entropy)
-        lse, entropy, target = _combine_partials([partials], spec)
+        partials = [
+            shard_vocab_partials(logits_shard[rows], local_ids[rows], spec.temperature, spec.compute_entropy)
+            for rows in _chunks(logits_shard.shape[0], spec.chunk_size)
+        ]
+        lse, entropy, target = _combine_partials(partials, spec)
         ctx.save_for_backward(logits_shard, local_ids, lse, entropy)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
@@ -615,10 +623,18 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy):
         logits_shard, local_ids, lse, entropy = ctx.saved_tensors
+        spec = ctx.spec
         if not ctx.needs_input_grad[0] or (grad_logps is None and grad_entropy is None):
             return None, None, None
-        dz = shard_vocab_grad(logits_shard, local_ids, ctx.spec.temperature, lse, entropy, grad_logps, grad_entropy)
-        return dz.to(logits_shard.dtype), None, None
+        dlogits = torch.empty_like(logits_shard)
+        for rows in _chunks(logits_shard.shape[0], spec.chunk_size):
+            dlogits[rows] = shard_vocab_grad(
+                logits_shard[rows], local_ids[rows], spec.temperature, lse[rows],
+                None if entropy is None else entropy[rows],
+                None if grad_logps is None else grad_logps[rows],
+                None if grad_entropy is None else grad_entropy[rows],
+            )
+        return dlogits, None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -712,10 +728,11 @@ def _default_chunk(tokens: int, vocab_shard: int, chunk_size: Optional[int]) -> 
 # --------------------------------------------------------------------------------------
 
 
-def _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group):
+def _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group,
+                  chunk_size):
     world_size, _ = _world(process_group)
     spec = _ShardSpec(vocab_start, logits_shard.shape[-1], vocab_size, float(temperature), bool(compute_entropy),
-                      process_group, world_size)
+                      process_group, world_size, _default_chunk(ids.numel(), logits_shard.shape[-1], chunk_size))
     lead = ids.shape
     logps, entropy = _VocabParallelLogSoftmax.apply(logits_shard.reshape(-1, spec.vocab_shard), ids.reshape(-1), spec)
     return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
@@ -741,6 +758,8 @@ def vocab_parallel_selective_log_softmax(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     process_group=None,
+    *,
+    chunk_size: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`grpo_fused.selective_log_softmax` over a vocabulary sharded across ``process_group``.
 
@@ -754,6 +773,8 @@ def vocab_parallel_selective_log_softmax(
         compute_entropy: also return the per-token entropy of the full distribution. Default False.
         process_group: the vocab-parallel group; None means the default group (or one process
             when torch.distributed is not initialized).
+        chunk_size: tokens per chunk of the fp32 ``(chunk, V_r)`` temporaries; None picks
+            ``2**24 / V_r`` tokens (64 MB each).
 
     Returns:
         ``(logps, entropy)``, ``(...)`` in fp32 (fp64 for fp64 logits), identical on every rank;
@@ -763,12 +784,13 @@ def vocab_parallel_selective_log_softmax(
     Costs one small all-reduce (layout and ids check, with a host sync) plus, per call, a MAX
     all-reduce of N floats and a SUM all-reduce of 2 (3 with entropy) x N floats.
     """
-    error = _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start)
+    error = _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start, chunk_size)
     vocab_start, vocab_size = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
         ids=ids, hidden_size=0, device=_collective_device(process_group, logits_shard, ids),
     )
-    return _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group)
+    return _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group,
+                         chunk_size)
 
 
 def vocab_parallel_linear_log_softmax(
@@ -842,6 +864,7 @@ def vocab_parallel_grpo_loss(
     is_weights: Optional[Tensor] = None,
     num_items_in_batch=None,
     global_batch_size=None,
+    chunk_size: Optional[int] = None,
 ) -> GRPOOutput:
     """:func:`grpo_fused.grpo_loss` with the logits sharded over the vocab across ``process_group``.
 
@@ -851,6 +874,7 @@ def vocab_parallel_grpo_loss(
         completion_ids: ``(B, T)`` ids in the full vocab ``[0, V)``; every other ``(B, T)``
             argument, ``config``, ``is_weights`` and the normalizers are those of
             :func:`grpo_fused.grpo_loss` and must be the same on every rank of the group.
+        chunk_size: see :func:`vocab_parallel_selective_log_softmax`.
 
     Returns:
         The :class:`GRPOOutput` of the single-process loss on the full logits (loss, logps,
@@ -860,7 +884,7 @@ def vocab_parallel_grpo_loss(
         config_ = v.check_config(config)
         _check_loss_side("logits_shard", logits_shard, completion_ids, advantages, completion_mask, old_logps,
                          ref_logps, is_weights, config_, num_items_in_batch, global_batch_size)
-        _check_logits_side(logits_shard, completion_ids, config_.temperature, vocab_start)
+        _check_logits_side(logits_shard, completion_ids, config_.temperature, vocab_start, chunk_size)
 
     error = _checked(check)
     vocab_start_, vocab_size = _agree_on_shards(
@@ -869,7 +893,7 @@ def vocab_parallel_grpo_loss(
     )
     config = v.check_config(config)
     logps, entropy = _apply_logits(logits_shard, completion_ids, vocab_start_, vocab_size, config.temperature,
-                                   config.compute_entropy, process_group)
+                                   config.compute_entropy, process_group, chunk_size)
     return _loss_from_logps(logps, entropy, compute_dtype(logits_shard.dtype), completion_ids, advantages,
                             completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch,
                             global_batch_size)

@@ -91,14 +91,15 @@ def _assert_metrics(got, want, **tol):
 
 
 def _check_logits_loss(rank, world, group, config, *, seed=0, dtype=torch.float64, layout="even", explicit_start=False,
-                       advantage_shape="B", with_is=False, extreme=False, normalizers=None):
+                       advantage_shape="B", with_is=False, extreme=False, normalizers=None, chunk_size=None):
     full, ids = _full_logits(seed, dtype, extreme)
     inputs = _loss_inputs(full, ids, seed + 1, config.temperature, advantage_shape, with_is)
     start, size = _shard(V, world, rank, layout)
     shard = full[..., start:start + size].clone().requires_grad_()
     before = shard.detach().clone()
     out = gd.vocab_parallel_grpo_loss(
-        shard, ids, vocab_start=start if explicit_start else None, process_group=group, config=config, **inputs, **(normalizers or {})
+        shard, ids, vocab_start=start if explicit_start else None, process_group=group, config=config,
+        chunk_size=chunk_size, **inputs, **(normalizers or {})
     )
     full_leaf = full.clone().requires_grad_()
     if extreme:
@@ -165,7 +166,7 @@ def _check_linear_loss(rank, world, group, config, *, seed=0, layout="even", chu
 @case
 def case_vp_dapo_token_kl_is_temperature(rank, world, group):
     cfg = GRPOConfig(loss_type="dapo", epsilon_high=0.28, beta=0.04, temperature=0.7)
-    _check_logits_loss(rank, world, group, cfg, with_is=True, advantage_shape="BT")
+    _check_logits_loss(rank, world, group, cfg, with_is=True, advantage_shape="BT", chunk_size=6)
 
 
 @case
@@ -216,7 +217,7 @@ def case_vp_verl_agg_modes(rank, world, group):
 @case
 def case_vp_masked_vocab_and_huge_logits(rank, world, group):
     cfg = GRPOConfig(loss_type="dapo", temperature=1.3)
-    _check_logits_loss(rank, world, group, cfg, extreme=True, layout="skewed")
+    _check_logits_loss(rank, world, group, cfg, extreme=True, layout="skewed", chunk_size=1)
     _check_logits_loss(rank, world, group, cfg, extreme=True, layout="even", seed=5)
 
 
@@ -583,6 +584,8 @@ def test_input_errors_name_the_argument():
         gd.vocab_parallel_linear_grpo_loss(torch.randn(2, 3, 4), torch.randn(10, 4), ids, adv, bias_shard=torch.randn(9))
     with pytest.raises(ValueError, match="chunk_size"):
         gd.vocab_parallel_linear_log_softmax(torch.randn(2, 3, 4), torch.randn(10, 4), ids, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gd.vocab_parallel_grpo_loss(logits, ids, adv, chunk_size=-1)
     with pytest.raises(ValueError, match="process_group was given"):
         gd.vocab_parallel_selective_log_softmax(logits, ids, process_group=object())
     with pytest.raises(ValueError, match="gradient_reduction"):
