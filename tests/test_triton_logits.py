@@ -328,7 +328,8 @@ def make_loss_inputs(dtype, *, B=3, T=5, V=257, seed=0, adv="B1", old=True, ref=
     if mask:
         m = (torch.rand(B, T, generator=g) > 0.25).to(torch.int64)
         m[0, 0] = 1
-        m[B - 1] = 0  # a sequence with no token
+        if B > 1:
+            m[B - 1] = 0  # a sequence with no token
         inputs["completion_mask"] = m
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
@@ -557,3 +558,57 @@ def test_grpo_loss_under_torch_compile_fullgraph(level):
     loss.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA only: realistic vocabularies, > 2^31 logits, > 65535 positions.
+# --------------------------------------------------------------------------------------
+
+LARGE_REASON = "large shapes run on CUDA only (the interpreter would take many minutes)"
+
+
+@pytest.mark.skipif(not CUDA, reason=LARGE_REASON)
+@pytest.mark.parametrize("B,T,V", [(4, 257, 32001), (2, 129, 151936)])
+@pytest.mark.parametrize("config_kwargs", [
+    dict(loss_type="dapo", epsilon_high=0.28, beta=0.04, entropy_coef=0.01),
+    dict(loss_type="grpo", delta=1.4, clip_ratio_c=3.0, temperature=0.7),
+    dict(loss_type="cispo", epsilon_high=4.0, beta=0.1, kl_estimator="low_var_kl"),
+    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04),
+], ids=["dapo", "grpo-delta-dual", "cispo", "gspo"])
+def test_grpo_loss_large_shapes_on_cuda(B, T, V, config_kwargs):
+    config = GRPOConfig(**config_kwargs)
+    inputs = make_loss_inputs(torch.bfloat16, B=B, T=T, V=V, adv="BT", isw="BT")
+    truth, truth_grad = reference_float64(inputs, config)
+    logits = inputs["logits"].clone().requires_grad_()
+    out = gl.grpo_loss(logits, config=config, **{k: v for k, v in inputs.items() if k != "logits"})
+    out.loss.backward()
+    assert_output_matches(out, truth, logits.grad, truth_grad, torch.bfloat16, config.temperature)
+
+
+@pytest.mark.skipif(not CUDA, reason=LARGE_REASON)
+def test_int64_offsets_beyond_two_to_the_31_logits_on_cuda():
+    V = 151936
+    N = 2**31 // V + 3  # the last rows start past element 2^31
+    logits = torch.randn(N, V, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randint(0, V, (N,), device=DEVICE)
+    tail = slice(N - 4, N)
+    tail_logits = logits[tail].clone()
+    logps, lse, entropy = sls.logits_fwd(logits, ids, 1.0, True)
+    t_logps, t_lse, t_entropy, _ = truth_vocab(tail_logits, ids[tail], 1.0)
+    atol = 1e-6 + 8 * ulp_row(tail_logits, 1.0)
+    assert_rows_close(logps[tail], t_logps, atol, what="logps past 2^31")
+    assert_rows_close(entropy[tail], t_entropy, atol, what="entropy past 2^31")
+    dlogps = torch.randn(N, device=DEVICE)
+    sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.0, out=logits)  # in place: no second 4 GB
+    assert_grad_close(logits[tail], tail_logits, ids[tail], 1.0, dlogps[tail], None, what="dlogits past 2^31")
+
+
+@pytest.mark.skipif(not CUDA, reason=LARGE_REASON)
+def test_more_than_65535_positions_on_cuda():
+    config = GRPOConfig(loss_type="dapo", beta=0.04)
+    inputs = make_loss_inputs(torch.float32, B=1, T=70001, V=64)
+    truth, truth_grad = reference_float64(inputs, config)
+    logits = inputs["logits"].clone().requires_grad_()
+    out = gl.grpo_loss(logits, config=config, **{k: v for k, v in inputs.items() if k != "logits"})
+    out.loss.backward()
+    assert_output_matches(out, truth, logits.grad, truth_grad, torch.float32, config.temperature)
