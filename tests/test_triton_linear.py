@@ -299,6 +299,38 @@ def test_frozen_lm_head_and_frozen_hidden(strategy):
         assert _max_err(leaf.grad, expected) <= 2e-5 * _scale(expected)
 
 
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (in bytes) any torch op returns while active. Bytes, not
+    elements: the interpreter moves kernel arguments as raw (uint8) storages."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_logits_never_materialized(strategy):
+    # The full fp32 logits would be N*V*4 = 65792 bytes; chunked may hold one 16-token chunk of
+    # them (16*V*4 = 16448), tiled nothing of size V beyond the weight and its gradient (V*H*4 = 8224).
+    n, h, v, chunk = 64, 8, 257, 16
+    hidden, weight, b, ids = make_linear(n, h, v, torch.float32, seed=17)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with _LargestTensor() as probe:
+        logps, entropy = linear_log_softmax(hidden, weight, ids, 1.0, b, True, strategy,
+                                            **({"chunk_size": chunk} if strategy == "chunked" else {}))
+        (logps.sum() + entropy.sum()).backward()
+    limit = 4 * (chunk * v if strategy == "chunked" else v * h)
+    assert probe.largest <= limit < 4 * n * v
+
+
 def test_tiled_vocab_splits_merge():
     # The forward merges per-split partials; 1, 3 and 5 (= one tile each) splits agree with the truth.
     hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=11)
