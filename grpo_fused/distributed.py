@@ -504,8 +504,12 @@ def _agree_on_shards(
 
 
 def _check_vocab_start(vocab_start):
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0):
-        raise TypeError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+    if vocab_start is None:
+        return
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
+        raise TypeError(f"vocab_start must be None or an int, got {type(vocab_start).__name__}")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
 
 
 def _check_chunk_size(chunk_size):

@@ -568,6 +568,8 @@ def test_input_errors_name_the_argument():
         gd.vocab_parallel_grpo_loss(logits, ids + 5, adv)
     with pytest.raises(TypeError, match="vocab_start"):
         gd.vocab_parallel_grpo_loss(logits, ids, adv, vocab_start=1.5)
+    with pytest.raises(ValueError, match="vocab_start must be >= 0"):
+        gd.vocab_parallel_selective_log_softmax(logits, ids, vocab_start=-1)
     with pytest.raises(ValueError, match="tile"):
         gd.vocab_parallel_grpo_loss(logits, ids, adv, vocab_start=3)
     with pytest.raises(ValueError, match="advantages must have shape"):
