@@ -136,6 +136,7 @@ class TrainArgs:
         scale_rewards: ``"group"``, ``"batch"`` or ``"none"`` (group_advantages ``scale``).
         backend / strategy: grpo-fused backend and linear strategy.
         hidden_size / num_layers: size of the embedded model.
+        task_length / task_letters: the embedded copy task's word length and alphabet.
         save_every: also checkpoint every this many steps (0: only at the end).
         seed: seeds Python, torch and the embedded model's init. device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         threads: torch intra-op CPU threads (0: torch's default). 1 is fastest for the embedded model.
@@ -167,6 +168,8 @@ class TrainArgs:
     strategy: str = "auto"
     hidden_size: int = 64
     num_layers: int = 2
+    task_length: int = 3
+    task_letters: str = COPY_LETTERS
     save_every: int = 0
     seed: int = 0
     device: str = "auto"
@@ -345,7 +348,8 @@ def train(args: TrainArgs, reward_fn: Optional[RewardFn] = None, prompts: Option
         torch.set_num_threads(args.threads)
     model, tokenizer = _load_model_and_tokenizer(args, device)
     if prompts is None:
-        prompts = load_prompts(args.prompts) if args.prompts else copy_task(seed=args.seed)
+        prompts = load_prompts(args.prompts) if args.prompts else copy_task(
+            length=args.task_length, letters=args.task_letters, seed=args.seed)
     if reward_fn is None:
         reward_fn = load_reward(args.reward) if args.reward else copy_reward
     ref_model = None
@@ -541,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("strategy", str, "auto, chunked or tiled (linear path)")
     opt("hidden-size", int, "embedded model hidden size")
     opt("num-layers", int, "embedded model layers")
+    opt("task-length", int, "embedded copy task: word length")
+    opt("task-letters", str, "embedded copy task: alphabet")
     opt("save-every", int, "checkpoint every N steps (0: only at the end)")
     opt("seed", int, "random seed")
     opt("device", str, "auto, cpu or cuda")

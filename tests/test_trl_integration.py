@@ -26,6 +26,15 @@ from trl import GRPOTrainer  # noqa: E402
 from grpo_fused.integrations import trl as gf_trl  # noqa: E402
 from grpo_fused.trainer import build_char_tokenizer, build_tiny_model  # noqa: E402
 
+def _backend_ready(name):
+    from grpo_fused import _dispatch
+
+    return _dispatch._unavailable_reason(name, "linear_grpo_loss", torch.device("cpu")) is None
+
+
+# The fused CPU backend when it is built, else the eager reference (same code path in the adapter).
+FUSED_BACKEND = "cpp" if _backend_ready("cpp") else "reference"
+
 PROMPTS = ["abc=", "ba=", "cab=", "a=", "bca=", "cc=", "acb=", "b="]
 
 
@@ -115,7 +124,7 @@ class TwinTrainer(gf_trl.FusedGRPOTrainer):
         return new
 
 
-def _run_twin(model_dir, tmp_path, lm_head="auto", **overrides):
+def _run_twin(model_dir, tmp_path, lm_head="auto", backend=None, **overrides):
     tokenizer = build_char_tokenizer("abc=")
     trainer = TwinTrainer(
         model=model_dir,
@@ -123,7 +132,7 @@ def _run_twin(model_dir, tmp_path, lm_head="auto", **overrides):
         args=_args(tmp_path, **overrides),
         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=tokenizer,
-        fused_backend="reference",
+        fused_backend=backend or FUSED_BACKEND,
         fused_lm_head=lm_head,
     )
     trainer.train()
@@ -182,6 +191,17 @@ def test_trl_logits_path_matches(model_dir, tmp_path):
     trainer = _run_twin(model_dir, tmp_path, lm_head="logits", loss_type="dapo", beta=0.04)
     assert trainer._grpo_fused.lm_head == "logits"
     _assert_twin_equal(trainer)
+
+
+def test_trl_reference_backend_matches(model_dir, tmp_path):
+    _assert_twin_equal(_run_twin(model_dir, tmp_path, backend="reference", loss_type="grpo", beta=0.04))
+
+
+@pytest.mark.skipif(not _backend_ready("triton"), reason="Triton backend unavailable (no CUDA and no TRITON_INTERPRET=1)")
+def test_trl_triton_backend_matches(model_dir, tmp_path):
+    # Under the CPU interpreter this is slow per launch; V=7, N=48 tokens keep it to seconds.
+    _assert_twin_equal(_run_twin(model_dir, tmp_path, backend="triton", loss_type="dapo", beta=0.04,
+                                 entropy_coef=0.01))
 
 
 def test_patch_trainer_on_plain_trl_trainer(model_dir, tmp_path):
