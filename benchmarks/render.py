@@ -74,7 +74,7 @@ def bench_markdown(doc: Dict[str, Any]) -> List[str]:
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         missing = []
         for r in doc["results"]:
-            if r["op"] != op:
+            if r["op"] != op or r["case"]["N"] != case["N"]:
                 continue
             if r["status"] != "ok":
                 missing.append(f"{r['provider']} ({r['status']}: {r.get('reason')})")
@@ -86,7 +86,7 @@ def bench_markdown(doc: Dict[str, Any]) -> List[str]:
                 f"| {r['provider']} | {_ms(t['fwd'])} | {_ms(t['bwd'])} | {_ms(t['fwd+bwd'])} | "
                 f"{'-' if speed is None else f'{speed:.2f}x'} | {rate['achieved']:.3g} | "
                 f"{rate['pct_of_floor']:.1f}% | {fmt_bytes(r['peak_memory_bytes'])} | "
-                f"{'-' if mem is None else f'{mem:.2f}x'} |")
+                f"{'-' if mem is None else f'{mem:.3g}x'} |")
         lines.append("")
         if missing:
             lines.append("Not measured: " + "; ".join(missing) + ".")

@@ -128,6 +128,10 @@ class Case:
     def work_unit(self) -> str:
         return "bytes" if self.op == "logits" else "flops"
 
+    @property
+    def label(self) -> str:
+        return f"{self.op} N={self.N}"
+
     def to_json(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["N"] = self.N
@@ -145,19 +149,22 @@ WORK_MODELS = {
 }
 
 
-def default_cases(device_type: str, ops: Sequence[str] = OPS) -> List[Case]:
+def default_cases(device_type: str, ops: Sequence[str] = OPS, long: bool = False) -> List[Case]:
     """DESIGN.md reference shapes on GPU (Qwen2.5-7B head, bf16, N = 8 x 2048); small fp32 on CPU.
 
-    The CPU shapes keep ``grpo-fused bench`` + ``profile-memory`` near 3 minutes on 2 cores
+    ``long`` adds DESIGN.md's long-sequence linear case (N = 1 x 131072) on GPU, where eager runs
+    out of memory on an 80 GB device. The CPU shapes keep ``grpo-fused bench`` short on 2 cores
     (eager fwd+bwd at N=256, V=32000 takes ~0.7 s there); V stays a real vocabulary size.
     """
     if device_type == "cuda":
-        shapes = {"logits": Case("logits", 8, 2048, 151936, None, "bfloat16"),
-                  "linear": Case("linear", 8, 2048, 151936, 3584, "bfloat16")}
+        shapes = {"logits": [Case("logits", 8, 2048, 151936, None, "bfloat16")],
+                  "linear": [Case("linear", 8, 2048, 151936, 3584, "bfloat16")]}
+        if long:
+            shapes["linear"].append(Case("linear", 1, 131072, 151936, 3584, "bfloat16"))
     else:
-        shapes = {"logits": Case("logits", 2, 128, 32000, None, "float32"),
-                  "linear": Case("linear", 2, 128, 32000, 256, "float32")}
-    return [shapes[op] for op in ops]
+        shapes = {"logits": [Case("logits", 2, 128, 32000, None, "float32")],
+                  "linear": [Case("linear", 2, 128, 32000, 256, "float32")]}
+    return [case for op in ops for case in shapes[op]]
 
 
 def default_sweep(device_type: str) -> Dict[str, Any]:
@@ -226,10 +233,6 @@ def providers_for(op: str, names: Optional[Sequence[str]] = None) -> List[Provid
     return [p for p in ours if p.name in names]
 
 
-class Unavailable(Exception):
-    """A provider that cannot run here; the message says why."""
-
-
 def _liger_reason(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return "Liger-Kernel runs on CUDA tensors only"
@@ -250,25 +253,29 @@ def static_reason(provider: Provider, device: torch.device) -> Optional[str]:
     return None
 
 
-def probe(provider: Provider, device: torch.device) -> Optional[str]:
-    """None when ``provider`` runs a tiny fwd+bwd on ``device``, else the reason it cannot.
+def probe(provider: Provider, device: torch.device) -> Optional[Dict[str, str]]:
+    """None when ``provider`` runs a tiny fwd+bwd on ``device``, else ``{"status", "reason"}``.
 
-    Only the "not available" answers of the dispatcher (a RuntimeError saying it "cannot run" or
-    that the op is not implemented) become a reason; any other error propagates.
+    The dispatcher's "not available" answers (a RuntimeError saying the backend "cannot run" the
+    op, or NotImplementedError) give status ``"unavailable"``; any other exception is a bug in the
+    provider and gives status ``"error"`` with the exception, so one broken backend never stops
+    the others from being measured.
     """
     reason = static_reason(provider, device)
-    if reason is not None or provider.kind in ("eager", "compile", "liger"):
-        return reason
+    if reason is not None:
+        return {"status": "unavailable", "reason": reason}
+    if provider.kind in ("eager", "compile", "liger"):
+        return None
     case = Case(provider.op, 2, 3, 37, 8 if provider.op == "linear" else None, "float32")
-    inputs = make_inputs(case, device, seed=0)
     try:
-        step = build_step(provider, case, inputs)
-        step().backward()
-    except (RuntimeError, NotImplementedError) as exc:
-        text = str(exc)
-        if isinstance(exc, NotImplementedError) or "cannot run" in text or "not implemented" in text:
-            return text.splitlines()[0] if text else type(exc).__name__
-        raise
+        inputs = make_inputs(case, device, seed=0)
+        build_step(provider, case, inputs)().backward()
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        missing = isinstance(exc, NotImplementedError) or (
+            isinstance(exc, RuntimeError) and ("cannot run" in text or "not implemented" in text))
+        return {"status": "unavailable" if missing else "error",
+                "reason": (text if missing else f"{type(exc).__name__}: {text}")[:500]}
     return None
 
 
@@ -346,7 +353,12 @@ def build_step(provider: Provider, case: Case, inputs: Dict[str, torch.Tensor],
     from . import api, reference
 
     cfg = bench_config()
-    x = inputs
+    x = dict(inputs)
+    if case.op == "logits":
+        # In training the logits come out of the lm_head, not a leaf. A leaf whose gradient aliases
+        # it would be cloned by autograd's gradient accumulation, hiding what an in-place backward
+        # saves; a view makes the logits a non-leaf at no cost, for every provider alike.
+        x["logits"] = inputs["logits"].view_as(inputs["logits"])
     if provider.kind in ("eager", "compile"):
         if case.op == "logits":
             def loss_fn(logits, ids, adv, mask, old, ref):
@@ -665,12 +677,17 @@ def _worker_bench(spec) -> Dict[str, Any]:
             peak = peak_memory(step, grads, device)
         _clear_grads(grads)
         step().backward()  # first call: compiles, autotunes, or says the backend is missing
-    except Exception as exc:  # reported back with its type; the parent decides what it means
+    except torch.OutOfMemoryError as exc:
+        return {"status": "oom", "reason": str(exc).splitlines()[0][:300]}
+    except Exception as exc:  # reported back with its type, listed in the output
         return {"status": "unavailable" if provider.kind == "compile" else "error",
                 "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-    times = time_fwd_bwd(step, grads, device, spec["warmup"], spec["reps"])
-    if device.type == "cuda" or rss_reset_works:
-        peak = peak_memory(step, grads, device)
+    try:
+        times = time_fwd_bwd(step, grads, device, spec["warmup"], spec["reps"])
+        if device.type == "cuda" or rss_reset_works:
+            peak = peak_memory(step, grads, device)
+    except torch.OutOfMemoryError as exc:
+        return {"status": "oom", "reason": str(exc).splitlines()[0][:300]}
     return {"status": "ok", "time_ms": times, "peak_memory_bytes": peak}
 
 
@@ -731,12 +748,14 @@ def run_worker(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     os.close(fd)
     spec = dict(spec, result_path=path)
     cmd = [sys.executable, "-c", "from grpo_fused.benchmarking import _worker_main; _worker_main()"]
+    start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
         with open(path) as f:
             text = f.read()
         if proc.returncode == 0 and text:
-            return json.loads(text)
+            # wall_s: the whole worker (start-up, inputs, compile, measurement), for planning runs.
+            return dict(json.loads(text), wall_s=round(time.perf_counter() - start, 1))
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
         return {"status": "error", "reason": f"worker exited with {proc.returncode}: {' | '.join(tail)}"[:800]}
     except subprocess.TimeoutExpired:
@@ -779,9 +798,9 @@ def run_bench(device: torch.device, cases: Sequence[Case], provider_names: Optio
                 progress(f"{case.op}/{provider.name}")
             row: Dict[str, Any] = {"op": case.op, "provider": provider.name, "description": provider.description,
                                    "case": case.to_json()}
-            reason = probe(provider, device)
-            if reason is not None:
-                row.update(status="unavailable", reason=reason)
+            failure = probe(provider, device)
+            if failure is not None:
+                row.update(failure)
                 rows.append(row)
                 continue
             spec = {"task": "bench", "device": str(device), "case": dataclasses.asdict(case),
@@ -815,9 +834,9 @@ def run_memory_sweep(device: torch.device, ops: Sequence[str], B: int, seq_lens:
             if progress is not None:
                 progress(f"{op}/{provider.name}")
             row: Dict[str, Any] = {"op": op, "provider": provider.name, "description": provider.description}
-            reason = probe(provider, device)
-            if reason is not None:
-                row.update(status="unavailable", reason=reason)
+            failure = probe(provider, device)
+            if failure is not None:
+                row.update(failure)
                 rows.append(row)
                 continue
             runnable = cases
@@ -886,22 +905,23 @@ def _fmt_ms(stats: Optional[Dict[str, float]]) -> str:
 
 def bench_table(doc: Dict[str, Any]) -> List[List[str]]:
     """Header + rows of the bench table (strings), one row per (op, provider)."""
-    header = ["op", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager", "achieved", "% floor",
+    header = ["case", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager", "achieved", "% floor",
               "peak mem", "mem vs eager"]
     rows = [header]
     for r in doc["results"]:
+        label = f"{r['op']} N={r['case']['N']}"
         if r["status"] != "ok":
-            rows.append([r["op"], r["provider"], f"{r['status']}: {r.get('reason') or ''}"[:70], "", "", "", "", "",
-                         "", ""])
+            # The reason is listed under the table; a long cell would wreck the layout.
+            rows.append([label, r["provider"], r["status"], "", "", "", "", "", "", ""])
             continue
         t, rate = r["time_ms"], r["rates"]["fwd+bwd"]
         speed = r.get("speedup_vs_eager", {}).get("fwd+bwd")
         mem_ratio = r.get("memory_vs_eager")
         rows.append([
-            r["op"], r["provider"], _fmt_ms(t["fwd"]), _fmt_ms(t["bwd"]), _fmt_ms(t["fwd+bwd"]),
+            label, r["provider"], _fmt_ms(t["fwd"]), _fmt_ms(t["bwd"]), _fmt_ms(t["fwd+bwd"]),
             "-" if speed is None else f"{speed:.2f}x",
             f"{rate['achieved']:.3g} {rate['unit']}", f"{rate['pct_of_floor']:.1f}%",
-            fmt_bytes(r["peak_memory_bytes"]), "-" if mem_ratio is None else f"{mem_ratio:.2f}x",
+            fmt_bytes(r["peak_memory_bytes"]), "-" if mem_ratio is None else f"{mem_ratio:.3g}x",
         ])
     return rows
 
@@ -911,8 +931,8 @@ def memory_table(doc: Dict[str, Any]) -> List[List[str]]:
     seq_lens = doc["sweep"]["seq_lens"]
     rows = [["op", "provider"] + [f"T={t}" for t in seq_lens]]
     for r in doc["results"]:
-        if r["status"] == "unavailable":
-            rows.append([r["op"], r["provider"], f"unavailable: {r.get('reason') or ''}"[:70]] + [""] * (len(seq_lens) - 1))
+        if r["status"] != "ok":
+            rows.append([r["op"], r["provider"], r["status"]] + [""] * (len(seq_lens) - 1))
             continue
         by_t = {p["T"]: p for p in r.get("points", [])}
         cells = []

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seq", type=_positive_int, default=None, help="T (default: 2048 on GPU, 128 on CPU)")
     bench.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 3 GPU, 1 CPU)")
     bench.add_argument("--reps", type=_positive_int, default=None, help="timed iterations (default: 20 GPU, 3 CPU)")
+    bench.add_argument("--long", action="store_true",
+                       help="GPU: add DESIGN.md's long-sequence linear case, N = 1 x 131072")
 
     mem = sub.add_parser("profile-memory", help="peak memory vs sequence length, JSON + PNG plot")
     _add_common(mem)
@@ -146,7 +148,7 @@ def _print_table(rows, title: str, plain: bool):
         table.add_column(name, justify="left" if i < 2 else "right", overflow="fold")
     for r in rows[1:]:
         table.add_row(*r)
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(150, Console().width)).print(table)
 
 
 def _print_unavailable(doc):
@@ -154,7 +156,8 @@ def _print_unavailable(doc):
     if missing:
         print("Not measured:")
         for r in missing:
-            print(f"  {r['op']}/{r['provider']}: {r['status']}: {r.get('reason')}")
+            n = f" N={r['case']['N']}" if "case" in r else ""
+            print(f"  {r['op']}{n} / {r['provider']}: {r['status']}: {r.get('reason')}")
 
 
 def _check_ops(ops):
@@ -184,10 +187,12 @@ def cmd_bench(args) -> int:
     device = _resolve_device(args.device)
     gpu = device.type == "cuda"
     cases = []
-    for case in bm.default_cases(device.type, args.ops):
+    for case in bm.default_cases(device.type, args.ops, long=args.long):
         changes = {k: v for k, v in (("B", args.batch), ("T", args.seq), ("V", args.vocab), ("dtype", args.dtype),
                                      ("H", args.hidden if case.op == "linear" else None)) if v is not None}
-        cases.append(bm.dataclasses.replace(case, **changes))
+        case = bm.dataclasses.replace(case, **changes)
+        if case not in cases:  # --batch / --seq make the long case the same as the default one
+            cases.append(case)
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     reps = args.reps if args.reps is not None else (20 if gpu else 3)
     total = sum(len(bm.providers_for(c.op, args.providers)) for c in cases)
@@ -198,7 +203,7 @@ def cmd_bench(args) -> int:
     finally:
         progress.close()
     path = bm.save(doc, args.out_dir)
-    shapes = "; ".join(f"{c.op}: B={c.B} T={c.T} V={c.V}" + (f" H={c.H}" if c.H else "") + f" {c.dtype}"
+    shapes = "; ".join(f"{c.label}: B={c.B} T={c.T} V={c.V}" + (f" H={c.H}" if c.H else "") + f" {c.dtype}"
                        for c in cases)
     tag = " [CPU-only figures]" if doc["cpu_only"] else ""
     floors = doc["floors"]

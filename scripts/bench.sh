@@ -5,7 +5,8 @@
 # none is importable (on a machine without CUDA pip may pick the large CUDA wheel; preinstall the
 # CPU wheel from https://download.pytorch.org/whl/cpu to avoid that).
 # Results: a table on stdout; JSON and a PNG under benchmarks/results/ (render.py turns the newest
-# into the README table). Arguments go to both commands, e.g. `scripts/bench.sh --device cpu`.
+# into the README table). Options common to both commands (--device, --providers, --ops, --out-dir,
+# --plain) may be given, e.g. `scripts/bench.sh --device cpu --plain`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -100,8 +100,9 @@ def test_bench_lists_unavailable_with_reason(runs):
     assert ("linear", "triton") not in rows  # the logits-path provider is not a linear-path one
     text = runs["stdout"]["bench"]
     assert "eager" in text and "liger" in text and "Not measured" in text and "wrote " in text
-    table_rows = [line.split()[:2] for line in text.splitlines()]
-    assert ["logits", "eager"] in table_rows and ["linear", "eager"] in table_rows
+    table_rows = [line.split()[:3] for line in text.splitlines()]
+    assert ["logits", f"N={B * T}", "eager"] in table_rows and ["linear", f"N={B * T}", "eager"] in table_rows
+    assert ["logits", f"N={B * T}", "liger"] in table_rows
 
 
 def test_profile_memory_json_and_png(runs):
