@@ -240,7 +240,7 @@ def _kernel_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
         dtype = torch.float32
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    if bias is not None and bias.dtype == torch.float64:
+    if bias is not None and (bias.dtype == torch.float64 or _interpreting()):
         bias = bias.float()
     return hidden, weight, bias, precision
 
