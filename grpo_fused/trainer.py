@@ -149,12 +149,12 @@ class TrainArgs:
     output_dir: str = "grpo_fused_run"
     steps: int = 150
     prompts_per_step: int = 8
-    num_generations: int = 8
+    num_generations: int = 16
     max_new_tokens: int = 4
     temperature: float = 1.0
     num_iterations: int = 1
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 5e-3
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     loss_type: str = "dapo"
