@@ -213,7 +213,9 @@ def test_patch_trainer_on_plain_trl_trainer(model_dir, tmp_path):
         processing_class=build_char_tokenizer("abc="),
     )
     assert gf_trl.patch_trainer(trainer, backend="reference") is trainer
-    inputs = trainer._prepare_inputs(trainer.get_train_dataloader().__iter__().__next__())
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.current_gradient_accumulation_steps = 2  # set by train(); the normalizers read it
+    trainer.model.train()
     fused = trainer._compute_loss(trainer.model, inputs)
     trainer._compute_loss = GRPOTrainer._compute_loss.__get__(trainer)
     reference = trainer._compute_loss(trainer.model, inputs)
@@ -261,3 +263,34 @@ def test_linear_head_refuses_softcapping():
         gf_trl._resolve_lm_head(model, "linear")
     with pytest.raises(ValueError, match="lm_head must be one of"):
         gf_trl._resolve_lm_head(model, "fused")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_vllm_is_ratio_tool_mask_and_eval_mode(loss_type, model_dir, tmp_path):
+    # vLLM is not installed: the IS ratio and tool mask TRL would attach are injected into real inputs,
+    # and the flags TRL reads are set, so both loss functions take those branches.
+    trainer = gf_trl.FusedGRPOTrainer(
+        model=model_dir, reward_funcs=_reward,
+        args=_args(tmp_path, loss_type=loss_type, beta=0.04, entropy_coef=0.01, max_steps=1),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=build_char_tokenizer("abc="), fused_backend=FUSED_BACKEND,
+    )
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    B, T = inputs["completion_ids"].shape
+    g = torch.Generator().manual_seed(0)
+    inputs["importance_sampling_ratio"] = torch.rand(B, T, generator=g) + 0.5
+    inputs["tool_mask"] = (torch.rand(B, T, generator=g) > 0.2).int()
+    inputs["old_per_token_logps"] = inputs["ref_per_token_logps"] + 0.3 * torch.randn(B, T, generator=g)
+    trainer.use_vllm = True
+    trainer.vllm_importance_sampling_correction = True
+    trainer.current_gradient_accumulation_steps = 2  # set by train(); the normalizers read it
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    for training in (True, False):
+        trainer.model.train(training)
+        trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+        fused_loss = gf_trl.fused_compute_loss(trainer, trainer.model, inputs)
+        torch.testing.assert_close(fused_loss, trl_loss, rtol=2e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(fused_loss, params), torch.autograd.grad(trl_loss, params)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="multimodal"):
+        gf_trl.fused_compute_loss(trainer, trainer.model, dict(inputs, pixel_values=torch.zeros(1)))
