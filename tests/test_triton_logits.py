@@ -274,10 +274,10 @@ LOSS_CASES = [
     # (id, config kwargs, input options)
     ("grpo", dict(loss_type="grpo"), dict()),
     ("grpo-delta-T0.7", dict(loss_type="grpo", delta=1.3, temperature=0.7), dict(adv="BT")),
-    ("bnpo-dualclip", dict(loss_type="bnpo", clip_ratio_c=2.0), dict(adv="B")),
+    ("bnpo-dualclip", dict(loss_type="bnpo", clip_ratio_c=2.0), dict(adv="B", spread=1.0, negative_adv=True)),
     ("dr_grpo-mcl", dict(loss_type="dr_grpo", max_completion_length=8), dict()),
     ("dr_grpo-onpolicy", dict(loss_type="dr_grpo"), dict(old=False)),
-    ("dapo-asym-delta-dual", dict(loss_type="dapo", epsilon_high=0.28, delta=1.4, clip_ratio_c=3.0), dict(isw="BT")),
+    ("dapo-asym-delta-dual", dict(loss_type="dapo", epsilon_high=0.28, delta=1.4, clip_ratio_c=3.0), dict(isw="BT", adv="BT", spread=1.0, negative_adv=True)),
     ("dapo-num_items", dict(loss_type="dapo"), dict(num_items=40)),
     ("dapo-nomask", dict(loss_type="dapo", beta=0.1), dict(mask=False)),
     ("luspo", dict(loss_type="luspo", beta=0.04), dict(isw="B1")),
@@ -293,6 +293,8 @@ LOSS_CASES = [
     ("k2-onpolicy", dict(loss_type="bnpo", beta=0.3, kl_estimator="k2"), dict(old=False)),
     ("abs-nobc", dict(loss_type="dapo", beta=0.3, kl_estimator="abs", use_bias_correction_kl=False), dict()),
     ("entropy-bonus", dict(loss_type="dapo", entropy_coef=0.05), dict()),
+    # V = 2500: two 2048-wide tiles, the second ragged, through the fused epilogue.
+    ("two-tiles-V2500", dict(loss_type="grpo", beta=0.04, entropy_coef=0.01, temperature=0.9), dict(V=2500)),
     ("no-entropy", dict(loss_type="grpo", compute_entropy=False, entropy_coef=0.05), dict()),
     ("agg-token-mean", dict(loss_type="grpo", loss_agg_mode="token-mean", dp_size=2, beta=0.04), dict(num_items=30)),
     ("agg-seq-token-sum", dict(loss_type="dapo", loss_agg_mode="seq-mean-token-sum"), dict(gbs=4)),
@@ -308,7 +310,7 @@ LOSS_CASES = [
 
 
 def make_loss_inputs(dtype, *, B=3, T=5, V=257, seed=0, adv="B1", old=True, ref=True, isw=None,
-                     mask=True, ref_far=False, num_items=None, gbs=None):
+                     mask=True, ref_far=False, num_items=None, gbs=None, spread=0.3, negative_adv=False):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
     ids = torch.randint(0, V, (B, T), generator=g)
@@ -317,9 +319,11 @@ def make_loss_inputs(dtype, *, B=3, T=5, V=257, seed=0, adv="B1", old=True, ref=
     inputs = dict(
         logits=logits,
         completion_ids=ids,
-        advantages=torch.randn(shapes[adv], generator=g),
-        # The ratio spreads over roughly [0.55, 1.8]: both clip sides and the delta cap are hit.
-        old_logps=(logps + 0.3 * torch.randn(B, T, generator=g)) if old else None,
+        # negative_adv: every advantage < 0, the side the dual clip acts on.
+        advantages=torch.randn(shapes[adv], generator=g).abs().neg() if negative_adv else torch.randn(shapes[adv], generator=g),
+        # spread 0.3: ratios over roughly [0.55, 1.8], both clip sides and the delta cap are hit;
+        # spread 1.0 reaches ratios > 3, where the dual clip bounds negative-advantage tokens.
+        old_logps=(logps + spread * torch.randn(B, T, generator=g)) if old else None,
         ref_logps=(logps + (8.0 if ref_far else 0.4) * torch.randn(B, T, generator=g)) if ref else None,
         is_weights=None if isw is None else torch.rand(shapes[isw], generator=g) + 0.5,
         num_items_in_batch=num_items,
