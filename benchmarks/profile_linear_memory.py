@@ -15,9 +15,9 @@ Memory model (bytes beyond the inputs, e = element size, N tokens, written befor
   eager (reference):          fp32 copies of hidden and weight (N*H*4 + V*H*4), and about six
                               fp32 (N, V) buffers alive at once (logits, z = logits / T, softmax,
                               p * z and their gradients): ~ 6*N*V*4
-  chunked:                    fp32 dweight accumulator V*H*4, one chunk of logits C*V*e (the
-                              gradient is written in place; C from ``linear_chunked.chunk_rows``),
-                              one fp32 slice of the chunk's dweight product (ACC_SLICE_BYTES)
+  chunked:                    at most DEFAULT_MAX_CHUNK_BYTES of logit state at once: one token
+                              chunk (fp32 logits, gradient in place, bf16 copy) in forward and
+                              in the dhidden pass, one vocab slice in the dweight pass
   tiled:                      fp32 accumulators N*H*4 + V*H*4 and their casts; O(N) otherwise
 """
 
@@ -43,9 +43,10 @@ def predicted_peak(provider: str, N: int, V: int, H: int, e: int) -> int:
     if provider == "eager":
         return grads + N * H * 4 + V * H * 4 + 6 * N * V * 4
     if provider == "triton-chunked":
-        from grpo_fused.kernels.linear_chunked import ACC_SLICE_BYTES, chunk_rows
+        from grpo_fused.kernels.linear_chunked import chunk_rows
 
-        return grads + V * H * 4 + chunk_rows(N, V, e) * V * e + min(ACC_SLICE_BYTES, V * H * 4)
+        per_logit = e if e == 4 else 4 + e
+        return grads + max(chunk_rows(N, V, per_logit) * V, chunk_rows(V, N, per_logit) * N) * per_logit
     if provider == "triton-tiled":
         return grads + N * H * 4 + V * H * 4
     return 0

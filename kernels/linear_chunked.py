@@ -1,17 +1,31 @@
 """Chunked linear log-softmax: per-token ``logp`` and entropy of ``hidden @ weight.T + bias``,
-holding the logits of one token chunk at a time.
+holding the logits of one token chunk (or one vocab slice) at a time.
 
-Forward, per chunk of ``C`` tokens: one GEMM gives the chunk's ``(C, V)`` logits, the
-row kernel of :mod:`grpo_fused.kernels.selective_log_softmax` reduces them to
-``(logp, lse, entropy)`` and the chunk is freed. Backward, per chunk: the logits are
-recomputed, turned into ``dlogits`` in place by the same module's backward launcher, then
-``dhidden[chunk] = dlogits @ W`` and ``dweight += dlogits.T @ hidden[chunk]`` (accumulated in
-fp32; fp64 for fp64 inputs) and ``dbias += dlogits.sum(0)``.
+Forward, per chunk of ``C`` tokens: one GEMM gives the chunk's ``(C, V)`` logits in fp32
+(bf16 / fp16 operands on tensor cores, fp32 output: the logits are never rounded to bf16,
+as in the reference), the row kernel of :mod:`grpo_fused.kernels.selective_log_softmax`
+reduces them to ``(logp, lse, entropy)`` and the chunk is freed.
 
-Transient memory: one ``(C, V)`` chunk of logits in the compute dtype (at most
-``DEFAULT_MAX_CHUNK_BYTES``), plus in backward the fp32 ``(V, H)`` weight-gradient
-accumulator and a bounded fp32 slice of each chunk's weight-gradient product. The GEMMs are ``torch`` matmuls, so
-this strategy runs wherever the row kernel does (CUDA, or CPU under the Triton interpreter).
+Backward, two passes that each recompute logits from the saved ``lse`` (and entropy):
+
+* ``dhidden``, over token chunks: a chunk's ``(C, V)`` logits become ``dlogits`` in place
+  (the row kernel's backward launcher), then ``dhidden[chunk] = dlogits @ W``.
+* ``dweight`` and ``dbias``, over vocab slices: a slice's ``(N, Vs)`` logits become its
+  ``dlogits`` the same way (the softmax of a column needs only its row's ``lse``), then
+  ``dweight[slice] = dlogits.T @ hidden``: one GEMM whose fp32 accumulation runs over all
+  N tokens, written once in the weight's dtype.
+
+Why two passes rather than accumulating ``dweight`` chunk by chunk: that needs an fp32
+``(V, H)`` accumulator (2.2 GB at H=3584, V=151936) that every chunk reads and writes
+(8*V*H bytes, ~40-80% of the chunk's GEMM time on an H100 at a few hundred tokens a chunk),
+and torch has no bf16 GEMM that adds into an fp32 ``C``. The vocab pass costs one extra
+logits GEMM (2*N*V*H FLOPs, +25% of the 8*N*V*H total), holds no ``(V, H)`` state beyond the
+gradient itself, and is deterministic.
+
+Transient memory: at most ``DEFAULT_MAX_CHUNK_BYTES`` of logit state (fp32 logits plus, for
+bf16 / fp16 operands, their operand-dtype gradient copy) at any time. The GEMMs are ``torch``
+matmuls, so this strategy runs wherever the row kernel does (CUDA, or CPU under the Triton
+interpreter).
 """
 
 from __future__ import annotations
@@ -25,41 +39,35 @@ from .selective_log_softmax import logits_bwd, logits_fwd
 
 Tensor = torch.Tensor
 
-# Upper bound of one chunk's logits. At V = 151936 in bf16 this is 880 tokens a chunk.
-DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
+# Upper bound of the logit state held at once (a token chunk or a vocab slice). At V = 151936
+# with bf16 operands (fp32 logits + bf16 dlogits = 6 bytes a logit) this is 576 tokens a chunk;
+# at N = 16384 tokens, 5456 vocab columns a slice.
+DEFAULT_MAX_CHUNK_BYTES = 512 * 2**20
 
 
-def chunk_rows(n_tokens: int, vocab: int, element_size: int,
+def logit_bytes(dtype: torch.dtype) -> int:
+    """Bytes held per logit: the fp32 (fp64) logits, plus for bf16 / fp16 operands the
+    operand-dtype copy of their gradient that the backward GEMMs read."""
+    if dtype in (torch.float32, torch.float64):
+        return torch.empty((), dtype=dtype).element_size()
+    return 4 + torch.empty((), dtype=dtype).element_size()
+
+
+def chunk_rows(n_tokens: int, vocab: int, bytes_per_logit: int,
                max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> int:
-    """Tokens per chunk, from the shapes: as many as fit ``max_chunk_bytes`` of logits, a
-    multiple of 16 (GEMM-friendly), at least 16, at most ``n_tokens``.
-
-    Why not smaller: each chunk's backward reads and writes the whole fp32 ``(V, H)``
-    weight-gradient accumulator (8*V*H bytes), against 8*C*V*H FLOPs of GEMMs for the chunk;
-    on an H100 (~800 TFLOP/s bf16, 3.35 TB/s) that traffic costs ~240/C of the GEMM time,
-    so a chunk of a few hundred tokens would spend most of its time on the accumulator.
+    """Tokens per chunk (or, called with ``(V, N, ...)``, vocab columns per slice), from the
+    shapes: as many as fit ``max_chunk_bytes`` of logit state (``bytes_per_logit``, see
+    :func:`logit_bytes`), a multiple of 16 (GEMM-friendly), at least 16, at most ``n_tokens``.
     """
-    rows = max(1, max_chunk_bytes // max(1, vocab * element_size))
+    rows = max(1, max_chunk_bytes // max(1, vocab * bytes_per_logit))
     rows = max(16, rows // 16 * 16)
     return max(1, min(rows, n_tokens))
 
 
-def _compute_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """hidden, weight, bias in one dtype (the promoted one; a mixed pair costs one cast)."""
+def _compute_operands(hidden: Tensor, weight: Tensor):
+    """hidden and weight in one dtype (the promoted one; a mixed pair costs one cast)."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    return hidden, weight, None if bias is None else bias.to(dtype)
-
-
-def _chunk_logits(hidden_chunk: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``(C, H) x (V, H) -> (C, V)`` in the inputs' dtype (fp32 accumulation inside the GEMM)."""
-    if bias is None:
-        return hidden_chunk @ weight.t()
-    return torch.addmm(bias, hidden_chunk, weight.t())
-
-
-# Bound of the fp32 product slice added to the weight-gradient accumulator at a time.
-ACC_SLICE_BYTES = 128 * 2**20
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
@@ -70,19 +78,16 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()
 
 
-def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 (fp64) and ``a`` ``(V, C)``, ``b`` ``(C, H)`` possibly bf16 / fp16.
-
-    torch has no GEMM taking bf16 operands and an fp32 ``C`` to add to (``addmm``'s out_dtype
-    overload wants ``C`` in the operands' dtype), so the fp32 product is formed slice by slice
-    of ``ACC_SLICE_BYTES`` and added: the temporary stays bounded, the GEMM stays on tensor cores.
-    """
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    rows = max(1, ACC_SLICE_BYTES // (acc.shape[1] * acc.element_size()))
-    for start in range(0, a.shape[0], rows):
-        acc[start:start + rows] += _mm_fp32(a[start:start + rows], b)
+def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``(n, H) x (v, H) (+ bias (v,)) -> (n, v)`` in fp32 (fp64 for fp64 operands)."""
+    if hidden.dtype in (torch.float32, torch.float64):
+        if bias is None:
+            return hidden @ weight.t()
+        return torch.addmm(bias.to(hidden.dtype), hidden, weight.t())
+    logits = _mm_fp32(hidden, weight.t())
+    if bias is not None:
+        logits += bias.float()
+    return logits
 
 
 def linear_chunked_fwd(
@@ -104,17 +109,17 @@ def linear_chunked_fwd(
     Returns:
         ``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (fp64 for fp64 inputs).
     """
-    hidden, weight, bias = _compute_operands(hidden, weight, bias)
+    hidden, weight = _compute_operands(hidden, weight)
     N, H = hidden.shape
     V = weight.shape[0]
-    chunk = chunk_size or chunk_rows(N, V, hidden.element_size())
+    chunk = chunk_size or chunk_rows(N, V, logit_bytes(hidden.dtype))
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logps = torch.empty(N, dtype=out_dtype, device=hidden.device)
     lse = torch.empty(N, dtype=out_dtype, device=hidden.device)
     entropy = torch.empty(N, dtype=out_dtype, device=hidden.device) if compute_entropy else None
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
-        logits = _chunk_logits(hidden[start:end], weight, bias)
+        logits = _logits(hidden[start:end], weight, bias)
         chunk_logps, chunk_lse, chunk_entropy = logits_fwd(logits, ids[start:end], temperature, compute_entropy)
         logps[start:end] = chunk_logps
         lse[start:end] = chunk_lse
@@ -135,55 +140,74 @@ def linear_chunked_bwd(
     dentropy: Optional[Tensor],
     temperature: float,
     chunk_size: Optional[int] = None,
+    vocab_slice: Optional[int] = None,
     needs: Tuple[bool, bool, bool] = (True, True, True),
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Backward of the chunked strategy: recomputes each chunk's logits.
+    """Backward of the chunked strategy: a token-chunk pass for ``dhidden``, a vocab-slice pass
+    for ``dweight`` / ``dbias``, each recomputing its logits.
 
     Args:
         hidden, weight, bias, ids, temperature, chunk_size: as in :func:`linear_chunked_fwd`.
         lse / entropy: ``(N,)`` from the forward (entropy needed only with ``dentropy``).
         dlogps / dentropy: ``(N,)`` gradients of the outputs, or None (zero).
+        vocab_slice: vocab columns per slice of the weight pass; None picks them from the shapes.
         needs: which of ``(dhidden, dweight, dbias)`` to compute (a frozen lm_head skips the
-            fp32 accumulator and its GEMM).
+            whole vocab pass).
 
     Returns:
         ``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias; None where not
         needed (dbias also without a bias).
     """
     hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
-    bias_dtype = None if bias is None else bias.dtype
-    hidden, weight, bias = _compute_operands(hidden, weight, bias)
+    hidden, weight = _compute_operands(hidden, weight)
     N, H = hidden.shape
     V = weight.shape[0]
-    chunk = chunk_size or chunk_rows(N, V, hidden.element_size())
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    per_logit = logit_bytes(hidden.dtype)
     need_dhidden, need_dweight, need_dbias = needs
-    dhidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dhidden else None
-    dweight = torch.zeros((V, H), dtype=acc_dtype, device=hidden.device) if need_dweight else None
-    dbias = torch.zeros(V, dtype=acc_dtype, device=hidden.device) if need_dbias and bias is not None else None
+    need_dbias = need_dbias and bias is not None
     if dlogps is None:
         dlogps = torch.zeros(N, dtype=lse.dtype, device=hidden.device)
-    for start in range(0, N, chunk):
-        end = min(start + chunk, N)
-        hidden_chunk = hidden[start:end]
-        logits = _chunk_logits(hidden_chunk, weight, bias)
-        dlogits = logits_bwd(
-            logits, ids[start:end], lse[start:end], dlogps[start:end],
-            None if dentropy is None else dentropy[start:end],
-            None if dentropy is None else entropy[start:end],
+
+    def dlogits_of(logits, rows, target):
+        # In place: the logits' buffer becomes their gradient.
+        return logits_bwd(
+            logits, target, lse[rows], dlogps[rows],
+            None if dentropy is None else dentropy[rows],
+            None if dentropy is None else entropy[rows],
             temperature, out=logits,
         )
-        if dhidden is not None:
-            torch.mm(dlogits, weight, out=dhidden[start:end])
-        if dweight is not None:
-            _accumulate_fp32(dweight, dlogits.t(), hidden_chunk)
-        if dbias is not None:
-            dbias += dlogits.sum(0, dtype=acc_dtype)
-        del logits, dlogits
+
+    dhidden = None
+    if need_dhidden:
+        dhidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device)
+        chunk = chunk_size or chunk_rows(N, V, per_logit)
+        for start in range(0, N, chunk):
+            rows = slice(start, min(start + chunk, N))
+            dlogits = dlogits_of(_logits(hidden[rows], weight, bias), rows, ids[rows])
+            # Tensor-core GEMMs want both operands in the operand dtype.
+            torch.mm(dlogits.to(weight.dtype), weight, out=dhidden[rows])
+            del dlogits
+
+    dweight = dbias = None
+    if need_dweight or need_dbias:
+        dweight = torch.empty((V, H), dtype=weight.dtype, device=hidden.device) if need_dweight else None
+        dbias = torch.empty(V, dtype=torch.promote_types(bias.dtype, lse.dtype), device=hidden.device) if need_dbias else None
+        width = vocab_slice or chunk_rows(V, N, per_logit)
+        every_row = slice(0, N)
+        for start in range(0, V, width):
+            cols = slice(start, min(start + width, V))
+            # Ids shifted into the slice: a token whose id lies outside it has no target column here.
+            dlogits = dlogits_of(_logits(hidden, weight[cols], None if bias is None else bias[cols]),
+                                 every_row, ids - start)
+            if dbias is not None:
+                torch.sum(dlogits, 0, out=dbias[cols])
+            if dweight is not None:
+                torch.mm(dlogits.to(weight.dtype).t(), hidden, out=dweight[cols])
+            del dlogits
     return (
         None if dhidden is None else dhidden.to(hidden_dtype),
         None if dweight is None else dweight.to(weight_dtype),
-        None if dbias is None else dbias.to(bias_dtype),
+        None if dbias is None else dbias.to(bias.dtype),
     )
 
 
@@ -191,17 +215,18 @@ def linear_chunked_bwd(
 class _ChunkedState:
     temperature: float
     chunk_size: Optional[int]
+    vocab_slice: Optional[int]
 
 
 class LinearLogSoftmaxChunked(torch.autograd.Function):
     """``(hidden (N, H), weight (V, H), bias, ids (N,)) -> (logps (N,), entropy (N,) or None)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, compute_entropy, chunk_size):
+    def forward(ctx, hidden, weight, bias, ids, temperature, compute_entropy, chunk_size, vocab_slice):
         logps, lse, entropy = linear_chunked_fwd(hidden, weight, bias, ids, temperature, compute_entropy, chunk_size)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
-        ctx.state = _ChunkedState(temperature, chunk_size)
+        ctx.state = _ChunkedState(temperature, chunk_size, vocab_slice)
         return logps, entropy
 
     @staticmethod
@@ -209,12 +234,12 @@ class LinearLogSoftmaxChunked(torch.autograd.Function):
         hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
         s: _ChunkedState = ctx.state
         if dlogps is None and dentropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         dhidden, dweight, dbias = linear_chunked_bwd(
             hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.chunk_size,
-            needs=tuple(ctx.needs_input_grad[:3]),
+            s.vocab_slice, needs=tuple(ctx.needs_input_grad[:3]),
         )
-        return dhidden, dweight, dbias, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None
 
 
 def linear_log_softmax_chunked(
@@ -225,6 +250,7 @@ def linear_log_softmax_chunked(
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    vocab_slice: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-token log-prob (and entropy) of ``hidden @ weight.T + bias``, one token chunk at a time.
 
@@ -233,6 +259,8 @@ def linear_log_softmax_chunked(
         temperature: divides the logits (default 1.0). bias: ``(V,)`` or None.
         compute_entropy: also return the entropy (default False).
         chunk_size: tokens per chunk; None (default) picks :func:`chunk_rows`.
+        vocab_slice: vocab columns per slice of the backward's weight pass; None (default)
+            picks them from the shapes.
 
     Returns:
         ``(logps, entropy_or_None)`` of shape ``(...)``, fp32 (fp64 for fp64 inputs),
@@ -241,6 +269,6 @@ def linear_log_softmax_chunked(
     lead = hidden.shape[:-1]
     logps, entropy = LinearLogSoftmaxChunked.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1),
-        float(temperature), bool(compute_entropy), chunk_size,
+        float(temperature), bool(compute_entropy), chunk_size, vocab_slice,
     )
     return logps.view(lead), None if entropy is None else entropy.view(lead)

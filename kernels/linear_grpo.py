@@ -48,6 +48,7 @@ def linear_log_softmax(
     *,
     filter_eps: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    vocab_slice: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-token ``log softmax((hidden @ weight.T + bias) / temperature)[id]`` and entropy.
 
@@ -57,7 +58,8 @@ def linear_log_softmax(
         compute_entropy: also return the per-token entropy (default False).
         strategy: ``"auto"`` (default, = ``"chunked"``), ``"chunked"`` or ``"tiled"``.
         filter_eps: tiled only: gradient filtering threshold (approximate); None = off.
-        chunk_size: chunked only: tokens per chunk; None picks one from the shapes.
+        chunk_size / vocab_slice: chunked only: tokens per chunk, vocab columns per slice of the
+            backward's weight pass; None picks them from the shapes.
 
     Returns:
         ``(logps, entropy_or_None)``, shape ``(...)``, fp32 (fp64 for fp64 hidden), with
@@ -65,7 +67,7 @@ def linear_log_softmax(
     """
     if resolve_strategy(strategy) == "tiled":
         return linear_log_softmax_tiled(hidden, weight, ids, temperature, bias, compute_entropy, filter_eps)
-    return linear_log_softmax_chunked(hidden, weight, ids, temperature, bias, compute_entropy, chunk_size)
+    return linear_log_softmax_chunked(hidden, weight, ids, temperature, bias, compute_entropy, chunk_size, vocab_slice)
 
 
 def linear_grpo_loss(
@@ -85,6 +87,7 @@ def linear_grpo_loss(
     *,
     filter_eps: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    vocab_slice: Optional[int] = None,
 ) -> GRPOOutput:
     """GRPO-family loss of ``logits = hidden @ weight.T + bias`` without materializing them.
 
@@ -92,7 +95,7 @@ def linear_grpo_loss(
         hidden: ``(B, T, H)``. weight: ``(V, H)``. bias: ``(V,)`` or None.
         completion_ids, advantages, completion_mask, old_logps, ref_logps, config, is_weights,
         num_items_in_batch, global_batch_size: as :func:`grpo_fused.reference.grpo_loss`.
-        strategy, filter_eps, chunk_size: as :func:`linear_log_softmax`.
+        strategy, filter_eps, chunk_size, vocab_slice: as :func:`linear_log_softmax`.
 
     Returns:
         :class:`GRPOOutput` equal to :func:`grpo_fused.reference.linear_grpo_loss`'s (same
@@ -106,7 +109,7 @@ def linear_grpo_loss(
         mask = completion_mask.to(dtype)
     logps, entropy = linear_log_softmax(
         hidden, weight, completion_ids, config.temperature, bias, config.compute_entropy, strategy,
-        filter_eps=filter_eps, chunk_size=chunk_size,
+        filter_eps=filter_eps, chunk_size=chunk_size, vocab_slice=vocab_slice,
     )
     logps = logps.to(dtype)
     entropy = None if entropy is None else entropy.to(dtype)

@@ -29,8 +29,9 @@ from grpo_fused.kernels.linear_grpo import linear_grpo_loss, linear_log_softmax,
 STRATEGIES = ("chunked", "tiled")
 B, T, H, V = 3, 5, 40, 257
 N = B * T
-# chunk_size=4 splits N=15 into 4 chunks, the last one ragged (3 tokens).
-CHUNK = 4
+# chunk_size=4 splits N=15 into 4 chunks, the last one ragged (3 tokens); vocab_slice=48 splits
+# V=257 into 6 slices in the backward's weight pass, the last one ragged (17 columns).
+CHUNKED = {"chunk_size": 4, "vocab_slice": 48}
 
 
 def _gen(seed):
@@ -131,7 +132,7 @@ def test_linear_log_softmax_matches_reference(strategy, dtype, bias, temperature
     hidden, weight, b, ids = make_linear(N, H, V, dtype, bias=bias, seed=1)
     truth = _reference(hidden, weight, b, ids, temperature, entropy)
     in_dtype = _reference(hidden, weight, b, ids, temperature, entropy, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else truth
-    got = _fused(strategy, hidden, weight, b, ids, temperature, entropy, **({"chunk_size": CHUNK} if strategy == "chunked" else {}))
+    got = _fused(strategy, hidden, weight, b, ids, temperature, entropy, **(CHUNKED if strategy == "chunked" else {}))
     _check(got, truth, in_dtype, dtype)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert got[0].dtype == out_dtype and got[0].shape == (N,)
@@ -141,7 +142,7 @@ def test_linear_log_softmax_matches_reference(strategy, dtype, bias, temperature
 def test_chunked_fp64_is_fp64_accurate():
     hidden, weight, b, ids = make_linear(N, H, V, torch.float64, seed=2)
     truth = _reference(hidden, weight, b, ids, 0.8, True)
-    got = _fused("chunked", hidden, weight, b, ids, 0.8, True, chunk_size=CHUNK)
+    got = _fused("chunked", hidden, weight, b, ids, 0.8, True, **CHUNKED)
     for a, e in zip(_flatten(got), _flatten(truth)):
         assert _max_err(a, e) <= 1e-10 * _scale(e)
 
@@ -153,7 +154,7 @@ def test_chunked_gradcheck_fp64():
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
 
     def fn(h, w, bb):
-        logps, entropy = linear_log_softmax(h, w, ids, 0.8, bb, True, "chunked", chunk_size=2)
+        logps, entropy = linear_log_softmax(h, w, ids, 0.8, bb, True, "chunked", chunk_size=2, vocab_slice=16)
         return logps, entropy
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -195,7 +196,7 @@ def test_masked_vocab_minus_inf_bias(strategy):
     ids = torch.where(masked[ids], (ids // 2) * 2, ids)
     ids[0] = 0
     bias = b.masked_fill(masked, float("-inf"))
-    got = _fused(strategy, hidden, weight, bias, ids, 1.0, True, **({"chunk_size": CHUNK} if strategy == "chunked" else {}))
+    got = _fused(strategy, hidden, weight, bias, ids, 1.0, True, **(CHUNKED if strategy == "chunked" else {}))
     # The reference's entropy gradient is NaN on -inf columns (0 * -inf); compare logps' gradients
     # there, and the entropy values.
     ref_lp = _grads(lambda h, w, bb: (R.linear_log_softmax(h.double(), w.double(), ids, 1.0, bb.double())[0], None),
@@ -318,16 +319,17 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_logits_never_materialized(strategy):
     # The full fp32 logits would be N*V*4 = 65792 bytes; chunked may hold one 16-token chunk of
-    # them (16*V*4 = 16448), tiled nothing of size V beyond the weight and its gradient (V*H*4 = 8224).
-    n, h, v, chunk = 64, 8, 257, 16
+    # them (16*V*4 = 16448) or one 64-column vocab slice (N*64*4 = 16384), tiled nothing of
+    # size V beyond the weight and its gradient (V*H*4 = 8224).
+    n, h, v, chunk, width = 64, 8, 257, 16, 64
     hidden, weight, b, ids = make_linear(n, h, v, torch.float32, seed=17)
     hidden.requires_grad_()
     weight.requires_grad_()
     with _LargestTensor() as probe:
         logps, entropy = linear_log_softmax(hidden, weight, ids, 1.0, b, True, strategy,
-                                            **({"chunk_size": chunk} if strategy == "chunked" else {}))
+                                            **({"chunk_size": chunk, "vocab_slice": width} if strategy == "chunked" else {}))
         (logps.sum() + entropy.sum()).backward()
-    limit = 4 * (chunk * v if strategy == "chunked" else v * h)
+    limit = 4 * (max(chunk * v, n * width) if strategy == "chunked" else v * h)
     assert probe.largest <= limit < 4 * n * v
 
 
@@ -373,26 +375,17 @@ def triton_cdiv(a, b):
 
 
 def test_chunk_rows_from_shapes():
-    # Qwen2.5-7B head in bf16: 256 MiB of logits is 883 tokens, rounded down to 880, whatever N.
-    assert linear_chunked.chunk_rows(16384, 151936, 2) == 880
-    assert linear_chunked.chunk_rows(131072, 151936, 2) == 880
+    # Qwen2.5-7B head in bf16: fp32 logits + bf16 dlogits = 6 bytes a logit.
+    assert linear_chunked.logit_bytes(torch.bfloat16) == 6
+    assert linear_chunked.logit_bytes(torch.float32) == 4
+    # 512 MiB of them is 588 tokens, rounded down to 576, whatever N.
+    assert linear_chunked.chunk_rows(16384, 151936, 6) == 576
+    assert linear_chunked.chunk_rows(131072, 151936, 6) == 576
+    # The weight pass's vocab slices at N = 16384: 5461 columns -> 5456.
+    assert linear_chunked.chunk_rows(151936, 16384, 6) == 5456
     # Few tokens: one chunk of all of them. A huge vocab: never below 16 tokens.
     assert linear_chunked.chunk_rows(10, 257, 4) == 10
     assert linear_chunked.chunk_rows(1000, 2**24, 4) == 16
-
-
-def test_fp32_weight_gradient_accumulation_in_slices(monkeypatch):
-    # The bf16 product is added to the fp32 accumulator in bounded slices: 3 rows a slice here
-    # (V=37 -> 13 slices, the last one ragged); the sum must equal the fp64 product.
-    monkeypatch.setattr(linear_chunked, "ACC_SLICE_BYTES", 3 * 8 * 4)
-    g = _gen(16)
-    a = torch.randn(37, 5, generator=g).to(DEVICE, torch.bfloat16)
-    b = torch.randn(5, 8, generator=g).to(DEVICE, torch.bfloat16)
-    start = torch.randn(37, 8, generator=g).to(DEVICE)
-    acc = start.clone()
-    linear_chunked._accumulate_fp32(acc, a, b)
-    expected = start.double() + a.double() @ b.double()
-    assert _max_err(acc, expected) <= 1e-5 * _scale(expected)
 
 
 def test_resolve_strategy():
