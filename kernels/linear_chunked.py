@@ -196,7 +196,9 @@ def linear_chunked_bwd(
         every_row = slice(0, N)
         for start in range(0, V, width):
             cols = slice(start, min(start + width, V))
-            # Ids shifted into the slice: a token whose id lies outside it has no target column here.
+            # Ids shifted into the slice: a token whose id lies outside it has no target column
+            # here. The row kernel's backward only compares ids with column indices, never loads
+            # at them, so out-of-slice ids are safe (the chunked tests with vocab_slice cover it).
             dlogits = dlogits_of(_logits(hidden, weight[cols], None if bias is None else bias[cols]),
                                  every_row, ids - start)
             if dbias is not None:
