@@ -331,6 +331,12 @@ def _load_model_and_tokenizer(args: TrainArgs, device):
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        text_config = model.config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+            if getattr(text_config, name, None) not in (None, 1, 1.0):
+                # The loss projects hidden states with the plain lm_head weight.
+                raise ValueError(f"model {args.model!r} transforms its logits ({name}={getattr(text_config, name)}); "
+                                 "the trainer's hidden-state loss path supports plain linear heads only")
     return model.to(device), tokenizer
 
 

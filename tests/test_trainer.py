@@ -147,3 +147,22 @@ def dataclass_replace(args, **changes):
     import dataclasses
 
     return dataclasses.replace(args, **changes)
+
+
+def test_local_model_directory(tmp_path):
+    model_dir = tmp_path / "model"
+    tokenizer = T.build_char_tokenizer()
+    model = T.build_tiny_model(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=3)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    summary = T.train(T.TrainArgs(model=str(model_dir), steps=1, prompts_per_step=2, num_generations=4,
+                                  output_dir=str(tmp_path / "run"), backend="reference", progress=False))
+    assert os.path.isfile(summary["metrics"])
+    # A head the hidden-state path cannot reproduce is refused, not silently approximated.
+    model.config.final_logit_softcapping = 30.0
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        T.train(T.TrainArgs(model=str(model_dir), steps=1, output_dir=str(tmp_path / "run2"), progress=False))
+    with pytest.raises(ValueError, match="local Hugging Face model directory"):
+        T.train(T.TrainArgs(model=str(tmp_path / "missing"), steps=1, output_dir=str(tmp_path / "run3"),
+                            progress=False))

@@ -342,8 +342,9 @@ if _TRLGRPOTrainer is not None:
         def __init__(self, *args, fused_backend: str = "auto", fused_strategy: str = "auto",
                      fused_lm_head: str = "auto", **kwargs):
             # Refuse unsupported options before TRL spends time loading models.
-            if kwargs.get("args") is not None:
-                _check_trl_args(kwargs["args"])
+            trl_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+            if trl_args is not None:
+                _check_trl_args(trl_args)
             super().__init__(*args, **kwargs)
             self._grpo_fused = _settings_for(self, fused_backend, fused_strategy, fused_lm_head)
 
