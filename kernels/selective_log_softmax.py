@@ -221,6 +221,8 @@ def _launchable(kernel):
     accepts plain ``@triton.jit`` functions but not ``@triton.heuristics`` wrappers, so the
     optional-tensor flags (``HAS_OLD``, ``COMPUTE_ENTROPY``, ...) are computed by the launchers
     as ``tensor is not None`` and passed as constexpr keywords instead of by heuristics.
+    Launchers run inside the ops below: an eager op call disables the wrapper (the kernel is
+    launched directly), a traced one records it.
     """
     return torch.library.wrap_triton(kernel)
 
@@ -373,7 +375,10 @@ def logits_fwd(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    return vocab_fwd(logits, ids, temperature, compute_entropy)
+    # Through the op: an eager op call launches the kernel directly (no tracing wrapper), and a
+    # caller being traced by torch.compile sees one op.
+    logps, lse, entropy = _vocab_fwd_op(logits, ids, float(temperature), bool(compute_entropy))
+    return logps, lse, entropy if compute_entropy else None
 
 
 def logits_bwd(
@@ -406,7 +411,13 @@ def logits_bwd(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature, out)
+    if out is None:
+        return _vocab_bwd_op(logits, ids, lse, dlogps, dentropy, entropy, float(temperature))
+    if out is logits:
+        _vocab_bwd_inplace_op(logits, ids, lse, dlogps, dentropy, entropy, float(temperature))
+    else:
+        _vocab_bwd_out_op(logits, ids, lse, dlogps, dentropy, entropy, float(temperature), out)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -447,6 +458,20 @@ def _vocab_bwd_op(
     temperature: float,
 ) -> Tensor:
     return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature)
+
+
+@triton_op("triton_vocab_bwd_out", mutates_args=("out",))
+def _vocab_bwd_out_op(
+    logits: Tensor,
+    ids: Tensor,
+    lse: Tensor,
+    dlogps: Tensor,
+    dentropy: Optional[Tensor],
+    entropy: Optional[Tensor],
+    temperature: float,
+    out: Tensor,
+) -> None:
+    vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, temperature, out=out)
 
 
 @triton_op("triton_vocab_bwd_inplace", mutates_args=("logits",))

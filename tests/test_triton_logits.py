@@ -149,6 +149,9 @@ def test_public_launchers_without_entropy_and_inplace():
     expected = sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.3)
     assert torch.equal(logits, keep)
     assert_grad_close(expected, logits, ids, 1.3, dlogps, None, what="dlogits")
+    buffer = torch.empty_like(logits)
+    assert sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.3, out=buffer) is buffer
+    assert torch.equal(buffer, expected)
     out = sls.logits_bwd(logits, ids, lse, dlogps, None, None, 1.3, out=logits)
     assert out.data_ptr() == logits.data_ptr()
     assert torch.equal(logits, expected), "in-place gradient must equal the out-of-place one bitwise"
@@ -523,7 +526,8 @@ def test_new_float_hyperparameters_do_not_recompile():
 
 
 def test_ops_are_registered_with_torch_library():
-    for name in ("triton_vocab_fwd", "triton_vocab_bwd", "triton_vocab_bwd_inplace", "triton_grpo_logits_fwd"):
+    for name in ("triton_vocab_fwd", "triton_vocab_bwd", "triton_vocab_bwd_out", "triton_vocab_bwd_inplace",
+                 "triton_grpo_logits_fwd"):
         assert hasattr(torch.ops.grpo_fused, name), name
     logits, ids = make_logits(5, 40, torch.float32, special_rows=False)
     logps, lse, entropy = torch.ops.grpo_fused.triton_vocab_fwd(logits, ids, 1.0, False)
