@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 import random
 import time

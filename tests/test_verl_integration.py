@@ -277,6 +277,9 @@ def test_register_with_verl_uses_verls_registry(monkeypatch):
         monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
     monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core_algos)
     sys.modules["verl.trainer.ppo"].core_algos = core_algos
+    assert gf_verl.get_policy_loss_fn("gspo") is gf_verl.compute_policy_loss_gspo
+    with pytest.raises(ValueError, match="Unsupported loss mode"):
+        gf_verl.get_policy_loss_fn("clip_cov")
     names = gf_verl.register_with_verl(prefix="fused_")
     assert set(names) == {"fused_" + n for n in VERL}
     assert registry["fused_geo_mean"] is gf_verl.compute_policy_loss_geo_mean

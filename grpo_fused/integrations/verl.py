@@ -47,6 +47,7 @@ __all__ = [
     "compute_policy_loss_gspo",
     "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
+    "get_policy_loss_fn",
     "kl_penalty",
     "linear_cross_entropy",
     "register_with_verl",
@@ -330,6 +331,13 @@ POLICY_LOSSES: Dict[str, Callable] = {
     "geo_mean": compute_policy_loss_geo_mean,
     "cispo": compute_policy_loss_cispo,
 }
+
+
+def get_policy_loss_fn(name: str) -> Callable:
+    """The policy loss registered under verl's ``name`` (``vanilla``, ``gspo``, ...), as verl's lookup."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"Unsupported loss mode: {name}. Supported modes are: {list(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
 
 
 def register_with_verl(prefix: str = "fused_") -> list:
