@@ -298,14 +298,17 @@ def make_inputs(case: Case, device, seed: int = 0, extra_position: bool = False)
     the current log-probs plus N(0, 0.1) noise, so some tokens clip. ``extra_position`` appends one
     logits position per sequence (Liger's ``triton_grpo_loss`` takes ``(B, T+1, V)``).
     """
-    from .reference import linear_logits, selective_log_softmax
+    from .reference import selective_log_softmax
 
     device = torch.device(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device in the target dtype: at N = 131072, V = 151936 an fp32 host copy of
+    # the logits would be 80 GB.
+    gen = torch.Generator(device=device).manual_seed(seed)
     B, T, V, dtype = case.B, case.T, case.V, case.torch_dtype
 
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+    def randn(*shape, dtype=dtype, scale=1.0):
+        x = torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+        return x.mul_(scale) if scale != 1.0 else x
 
     inputs: Dict[str, torch.Tensor] = {}
     if case.op == "logits":
@@ -313,29 +316,29 @@ def make_inputs(case: Case, device, seed: int = 0, extra_position: bool = False)
     else:
         inputs["hidden"] = randn(B, T, case.H).requires_grad_()
         inputs["weight"] = randn(V, case.H, scale=case.H ** -0.5).requires_grad_()
-    ids = torch.randint(0, V, (B, T), generator=gen).to(device)
-    lengths = torch.randint(max(T // 2, 1), T + 1, (B,), generator=gen)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device=device, dtype=torch.float32)
+    ids = torch.randint(0, V, (B, T), generator=gen, device=device)
+    lengths = torch.randint(max(T // 2, 1), T + 1, (B,), generator=gen, device=device)
+    mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).to(torch.float32)
 
-    # Current log-probs row chunk by row chunk, so that making the inputs never needs more than
-    # a (chunk, V) fp32 block (at N = 131072, V = 151936 the whole thing would be 80 GB).
+    # Current log-probs a block of rows at a time, so that making the inputs never needs more
+    # than a (rows, V) fp32 block beyond them.
     logps = torch.empty(B, T, dtype=torch.float32, device=device)
-    rows = max(1, (1 << 26) // V)
+    rows = max(1, (1 << (28 if device.type == "cuda" else 26)) // V)
     with torch.no_grad():
-        flat_ids, flat_logps = ids.reshape(-1), logps.view(-1)
-        for start in range(0, B * T, rows):
-            stop = min(start + rows, B * T)
-            if case.op == "logits":
-                block = inputs["logits"][:, :T].reshape(B * T, V)[start:stop]
-            else:
-                block = linear_logits(inputs["hidden"].reshape(B * T, case.H)[start:stop], inputs["weight"])
-            flat_logps[start:stop] = selective_log_softmax(block, flat_ids[start:stop])[0].float()
-            del block
+        for b in range(B):
+            for start in range(0, T, rows):
+                stop = min(start + rows, T)
+                if case.op == "logits":
+                    block = inputs["logits"][b, start:stop]  # (rows, V), a contiguous slice
+                else:
+                    block = torch.nn.functional.linear(inputs["hidden"][b, start:stop], inputs["weight"])
+                logps[b, start:stop] = selective_log_softmax(block, ids[b, start:stop])[0].float()
+                del block
     inputs["completion_ids"] = ids
-    inputs["advantages"] = torch.randn(B, generator=gen).to(device)
+    inputs["advantages"] = randn(B, dtype=torch.float32)
     inputs["completion_mask"] = mask
-    inputs["old_logps"] = logps + 0.1 * torch.randn(B, T, generator=gen).to(device)
-    inputs["ref_logps"] = logps + 0.1 * torch.randn(B, T, generator=gen).to(device)
+    inputs["old_logps"] = logps + 0.1 * randn(B, T, dtype=torch.float32)
+    inputs["ref_logps"] = logps + 0.1 * randn(B, T, dtype=torch.float32)
     return inputs
 
 
@@ -769,6 +772,13 @@ def run_worker(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _release_cached(device: torch.device):
+    # The workers need the whole GPU; what this process's caching allocator holds is theirs.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def derive(case: Case, times: Dict[str, Dict[str, float]], floors: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     """Achieved TB/s (logits path) or TFLOP/s (linear path) per mode, and the floor's share of it."""
     out = {}
@@ -790,6 +800,7 @@ def run_bench(device: torch.device, cases: Sequence[Case], provider_names: Optio
     """
     env = environment(device)
     floors = measure_floors(device, cases[0].torch_dtype if cases else torch.float32)
+    _release_cached(device)
     rows: List[Dict[str, Any]] = []
     for case in cases:
         eager = None
@@ -799,6 +810,7 @@ def run_bench(device: torch.device, cases: Sequence[Case], provider_names: Optio
             row: Dict[str, Any] = {"op": case.op, "provider": provider.name, "description": provider.description,
                                    "case": case.to_json()}
             failure = probe(provider, device)
+            _release_cached(device)
             if failure is not None:
                 row.update(failure)
                 rows.append(row)
@@ -835,6 +847,7 @@ def run_memory_sweep(device: torch.device, ops: Sequence[str], B: int, seq_lens:
                 progress(f"{op}/{provider.name}")
             row: Dict[str, Any] = {"op": op, "provider": provider.name, "description": provider.description}
             failure = probe(provider, device)
+            _release_cached(device)
             if failure is not None:
                 row.update(failure)
                 rows.append(row)
@@ -849,7 +862,8 @@ def run_memory_sweep(device: torch.device, ops: Sequence[str], B: int, seq_lens:
             points = result.get("points", [])
             for c in cases[len(runnable):]:
                 points.append({"T": c.T, "N": c.N, "status": "skipped", "reason": "would not fit in this machine's RAM"})
-            row.update(status=result["status"], reason=result.get("reason"), points=points)
+            row.update(status=result["status"], reason=result.get("reason"), points=points,
+                       wall_s=result.get("wall_s"))
             rows.append(row)
     return dict(kind="memory", schema=RESULT_SCHEMA, **env, config=BENCH_CONFIG, memory_method=memory_method(device.type),
                 sweep=dict(B=B, seq_lens=list(seq_lens), V=V, H=H, dtype=dtype), results=rows)

@@ -188,3 +188,22 @@ def test_python_m_help():
     proc = subprocess.run([sys.executable, "-m", "grpo_fused", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "bench" in proc.stdout and "profile-memory" in proc.stdout and "train" in proc.stdout
+
+
+@pytest.mark.parametrize("op", ["logits", "linear"])
+def test_bench_inputs_are_a_realistic_off_policy_batch(op):
+    from grpo_fused import reference
+
+    case = bm.Case(op, 3, 41, 257, 16 if op == "linear" else None, "float32")
+    x = bm.make_inputs(case, "cpu", seed=1, extra_position=(op == "logits"))
+    if op == "logits":
+        assert x["logits"].shape == (3, 42, 257)  # Liger's (B, T+1, V) layout
+        logps = reference.selective_log_softmax(x["logits"][:, :41].detach(), x["completion_ids"])[0]
+    else:
+        logps = reference.linear_log_softmax(x["hidden"].detach(), x["weight"].detach(), x["completion_ids"])[0]
+    for name in ("old_logps", "ref_logps"):
+        noise = x[name] - logps
+        assert abs(noise.mean().item()) < 0.05 and 0.07 < noise.std().item() < 0.13  # N(0, 0.1) by construction
+    lengths = x["completion_mask"].sum(-1)
+    assert ((lengths >= 20) & (lengths <= 41)).all()
+    assert [t.shape for t in bm.leaves(x)] == ([(3, 42, 257)] if op == "logits" else [(3, 41, 16), (257, 16)])
