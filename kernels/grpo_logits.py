@@ -18,7 +18,13 @@ Backward is one launch of the vocab backward kernel with ``dlogp = dloss * (dlos
 
 Sequence-level variants (GSPO's sequence ratio, GMPO's geometric mean) need every token of a
 sequence before the surrogate can be evaluated; they run the same vocab pass and finish with
-O(B*T) torch ops over the per-token ``logps`` (never re-reading the logits).
+O(B*T) torch ops over the per-token ``logps`` (never re-reading the logits): the spec's own
+:func:`grpo_fused.reference.grpo_loss_from_logps`, differentiated by autograd down to the
+per-token ``dlogp`` / ``dH`` that the one backward kernel consumes.
+
+Both kernels are ``torch.library.triton_op``s (``grpo_fused::triton_grpo_logits_fwd`` here, the
+vocab ops in :mod:`grpo_fused.kernels.selective_log_softmax`), so ``torch.compile(fullgraph=True)``
+sees them as ops; float hyperparameters are runtime kernel arguments (no Triton recompile).
 """
 
 from __future__ import annotations
