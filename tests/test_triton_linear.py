@@ -349,29 +349,33 @@ def test_tiled_vocab_splits_merge():
 
 def test_tiled_gradient_filtering():
     # Peaked softmax (logit std 12): most tiles hold no probability mass above 2**-12.
+    # The interpreter's small tiles on every device, so that which tiles hold a target is known.
+    cfg = linear_tiled.TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=2, num_warps=4)
     hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=12, logit_scale=12.0)
-    exact = _fused("tiled", hidden, weight, b, ids, 1.0, True)
+
+    def tiled(filter_eps):
+        return _grads(lambda h, w, bb: linear_tiled.linear_log_softmax_tiled(h, w, ids, 1.0, bb, True, filter_eps, cfg),
+                      hidden, weight, b)
+
+    exact = tiled(None)
     # Default threshold: an approximation, but within bf16 resolution of the exact gradient.
-    filtered = _fused("tiled", hidden, weight, b, ids, 1.0, True, filter_eps=linear_tiled.DEFAULT_FILTER_EPS)
+    filtered = tiled(linear_tiled.DEFAULT_FILTER_EPS)
     assert torch.equal(filtered[0], exact[0])
     for a, e in zip(filtered[2], exact[2]):
         assert _max_err(a, e) <= 2**-8 * _scale(e)
+    assert not torch.equal(filtered[2][1], exact[2][1])  # some tile was skipped
     # A threshold above any probability skips every tile without a target: those weight rows
     # get exactly zero gradient, the tiles holding a target keep their exact gradient.
-    everything = _fused("tiled", hidden, weight, b, ids, 1.0, True, filter_eps=2.0)
-    cfg = linear_tiled.default_config(hidden.device)
-    has_target = torch.zeros(triton_cdiv(V, cfg.block_v), dtype=torch.bool, device=DEVICE)
-    if N <= cfg.block_n:  # one token block: a tile is kept iff it holds some row's target
-        has_target[ids // cfg.block_v] = True
-        kept_rows = has_target.repeat_interleave(cfg.block_v)[:V]
-        dweight, dweight_exact = everything[2][1], exact[2][1]
-        assert (dweight[~kept_rows] == 0).all()
-        assert _max_err(dweight[kept_rows], dweight_exact[kept_rows]) <= 2e-5 * _scale(dweight_exact)
-        assert (~kept_rows).any() and (dweight_exact[~kept_rows] != 0).any()
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
+    everything = tiled(2.0)
+    assert N <= cfg.block_n  # one token block: a tile is kept iff it holds some row's target
+    num_tiles = -(-V // cfg.block_v)
+    has_target = torch.zeros(num_tiles, dtype=torch.bool, device=DEVICE)
+    has_target[ids // cfg.block_v] = True
+    kept_rows = has_target.repeat_interleave(cfg.block_v)[:V]
+    dweight, dweight_exact = everything[2][1], exact[2][1]
+    assert (~kept_rows).any() and (dweight_exact[~kept_rows] != 0).any()
+    assert (dweight[~kept_rows] == 0).all()
+    assert _max_err(dweight[kept_rows], dweight_exact[kept_rows]) <= 2e-5 * _scale(dweight_exact)
 
 
 def test_chunk_rows_from_shapes():
