@@ -352,3 +352,36 @@ def test_linear_cross_entropy_rejects_what_it_cannot_do():
         gf_verl.linear_cross_entropy(hidden, weight, labels[:2])
     with pytest.raises(ValueError, match="ids must lie in"):
         gf_verl.linear_cross_entropy(hidden, weight, labels + 9)
+
+
+def _fused_backends():
+    from grpo_fused import _dispatch
+
+    params = []
+    for name in ("cpp", "triton"):
+        reason = _dispatch._unavailable_reason(name, "linear_log_softmax", torch.device("cpu"))
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
+    return params
+
+
+@pytest.mark.parametrize("backend", _fused_backends())
+def test_linear_cross_entropy_fused_backends(backend):
+    # fp32 inputs (the Triton interpreter's tl.dot is only right in fp32), float64 ground truth.
+    g = torch.Generator().manual_seed(7)
+    hidden64 = torch.randn(3, 7, 16, generator=g, dtype=torch.float64)
+    weight64 = torch.randn(257, 16, generator=g, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, 257, (3, 7), generator=g)
+    hidden = hidden64.float().requires_grad_(True)
+    weight = weight64.float().requires_grad_(True)
+    logprobs, entropy = gf_verl.linear_cross_entropy(hidden, weight, labels, 0.8, backend=backend)
+    h64, w64 = hidden64.clone().requires_grad_(True), weight64.clone().requires_grad_(True)
+    logsm = torch.log_softmax((h64.reshape(-1, 16) @ w64.T) / 0.8, -1)
+    ref_logp = logsm.gather(-1, labels.reshape(-1, 1)).squeeze(-1)
+    ref_ent = -(logsm.exp() * logsm).sum(-1)
+    torch.testing.assert_close(logprobs.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    c1, c2 = torch.randn(21, generator=g, dtype=torch.float64), torch.randn(21, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((c1.float() * logprobs + c2.float() * entropy).sum(), (hidden, weight))
+    want = torch.autograd.grad((c1 * ref_logp + c2 * ref_ent).sum(), (h64, w64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
