@@ -19,6 +19,11 @@ otherwise passes re-read the group (from L2 on a GPU). Statistics are fp32 (fp64
 rewards), whatever the reward dtype. A group is never split across programs, so one group much
 larger than the rest serializes on one program (correct, just not load-balanced).
 
+The launch is registered as the ``torch.library`` op ``grpo_fused::triton_group_stats``
+(``triton_op``), so ``torch.compile(fullgraph=True)`` traces the ``group_size`` and
+``group_offsets`` paths; ``group_ids`` has a data-dependent G (``unique_consecutive``), which
+Dynamo does not put in a full graph.
+
 Work outside the single kernel launch (all torch ops on the launching stream, no host sync
 except where noted):
 
@@ -35,6 +40,8 @@ except where noted):
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -124,14 +131,6 @@ def _combined_rewards(
     return combined, valid
 
 
-@triton.heuristics(
-    {
-        "HAS_OFFSETS": lambda args: args["group_offsets"] is not None,
-        "HAS_PERM": lambda args: args["perm"] is not None,
-        "HAS_WEIGHTS": lambda args: args["reward_weights"] is not None,
-        "HAS_KEEP": lambda args: args["keep_mask"] is not None,
-    }
-)
 @triton.jit
 def _group_advantages_kernel(
     # inputs
@@ -142,7 +141,7 @@ def _group_advantages_kernel(
     # sizes, strides, runtime scalars
     num_groups, group_size, K,
     stride_rb, stride_rk, stride_w, stride_keep,
-    ddof, eps,
+    ddof, eps_hi, eps_lo,
     SCALE: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -200,7 +199,7 @@ def _group_advantages_kernel(
     zero_std = (group_count < 2) | (group_std <= ZERO_STD_THRESHOLD) | (group_std != group_std)
     has_signal = group_count > 1
     if SCALE == 1:
-        denom = group_std + eps
+        denom = (group_std + eps_hi) + eps_lo
     else:
         # "none" divides by nothing; "batch" is divided on the host once the batch std is known.
         denom = tl.full((BLOCK_G,), 1.0, dtype=ACC)
@@ -254,26 +253,26 @@ def _group_advantages_kernel(
 # Launcher.
 # --------------------------------------------------------------------------------------
 
-
-def _segments(
-    batch: int, group_size: Optional[int], group_ids: Optional[Tensor], group_offsets: Optional[Tensor]
-) -> Tuple[int, Optional[Tensor], Optional[Tensor]]:
-    """``(G, offsets (G+1,) int64 or None, perm (B,) int64 or None)`` from one group description."""
-    if group_size is not None:
-        return batch // group_size, None, None
-    if group_offsets is not None:
-        return group_offsets.numel() - 1, group_offsets.to(torch.int64).contiguous(), None
-    # Stable, so members of a group keep their order (the kernel's sums then run in row order).
-    perm = torch.argsort(group_ids, stable=True)
-    _, sizes = torch.unique_consecutive(group_ids[perm], return_counts=True)  # host sync: G
-    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64, device=group_ids.device)
-    torch.cumsum(sizes, 0, out=offsets[1:])
-    return sizes.numel(), offsets, perm
+# wrap_triton makes the launch traceable inside the triton_op below. It takes a plain
+# @triton.jit function, not a @triton.heuristics wrapper, so the launcher sets the HAS_* flags.
+_launchable_kernel = torch.library.wrap_triton(_group_advantages_kernel)
 
 
-def _block_shape(batch: int, num_groups: int, group_size: Optional[int]) -> Tuple[int, int, bool]:
+def _fp32_pair(x: float) -> Tuple[float, float]:
+    """``(hi, lo)`` fp32 values with ``hi + lo == x`` to ~2**-48 relative.
+
+    Triton passes a Python float as an fp32 argument; fp64 statistics would otherwise see
+    ``eps`` rounded to fp32 (a 1e-12 relative change of the advantages at eps = 1e-4).
+    """
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    if math.isinf(hi):  # beyond fp32's range: the advantages are 0 either way, never NaN
+        return hi, 0.0
+    return hi, x - hi
+
+
+def _block_shape(batch: int, num_groups: int, group_size: int) -> Tuple[int, int, bool]:
     """``(BLOCK_G, BLOCK_S, ONE_CHUNK)``: tile rows of one group each, sized from the typical group."""
-    if group_size is not None:
+    if group_size > 0:
         block_s = min(triton.next_power_of_2(group_size), MAX_BLOCK_S)
         one_chunk = group_size <= block_s
     else:
@@ -284,6 +283,93 @@ def _block_shape(batch: int, num_groups: int, group_size: Optional[int]) -> Tupl
     block_g = max(1, TILE_ELEMENTS // block_s)
     block_g = min(block_g, triton.next_power_of_2(max(num_groups, 1)))
     return block_g, block_s, one_chunk
+
+
+def group_stats(
+    rewards: Tensor,
+    reward_weights: Optional[Tensor],
+    keep_mask: Optional[Tensor],
+    group_offsets: Optional[Tensor],
+    perm: Optional[Tensor],
+    num_groups: int,
+    group_size: int,
+    scale_mode: int,
+    ddof: int,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One launch of the kernel over all groups. Inputs are trusted (checked by the public API).
+
+    Args:
+        rewards: ``(B, K)`` float, any strides. reward_weights: ``(K,)`` or None.
+        keep_mask: ``(B,)`` bool / int / float or None.
+        group_offsets: ``(G+1,)`` int64 contiguous run boundaries of sorted positions, or None
+            for runs of ``group_size``. perm: ``(B,)`` int64 row of each sorted position, or None.
+        num_groups: G. group_size: the fixed size, 0 when ``group_offsets`` is given.
+        scale_mode: ``SCALE_MODES[scale]``; with "batch" the advantages come back unscaled.
+        ddof: 1 (Bessel) or 0. eps: added to the group std ("group" scale); passed to the kernel
+            as an fp32 pair so fp64 statistics see it unrounded.
+
+    Returns:
+        ``(advantages (B,), combined rewards (B,), group index (B,) int64, mean (G,), std (G,),
+        count (G,) int64, zero_std (G,) bool, partials (P, 4))``, floats in the compute dtype.
+    """
+    device = rewards.device
+    acc_dtype = compute_dtype(rewards.dtype)
+    batch, n_rewards = rewards.shape
+    block_g, block_s, one_chunk = _block_shape(batch, num_groups, group_size)
+    num_programs = triton.cdiv(num_groups, block_g)
+
+    advantages = torch.empty(batch, dtype=acc_dtype, device=device)
+    combined = torch.empty(batch, dtype=acc_dtype, device=device)
+    group_index = torch.empty(batch, dtype=torch.int64, device=device)
+    mean = torch.empty(num_groups, dtype=acc_dtype, device=device)
+    std = torch.empty(num_groups, dtype=acc_dtype, device=device)
+    count = torch.empty(num_groups, dtype=torch.int64, device=device)
+    zero_std = torch.empty(num_groups, dtype=torch.bool, device=device)
+    partials = torch.empty(num_programs, N_PARTIALS, dtype=acc_dtype, device=device)
+    if num_programs > 0:
+        _launchable_kernel[(num_programs,)](
+            rewards, reward_weights, keep_mask, group_offsets, perm,
+            advantages, combined, group_index, mean, std, count, zero_std, partials,
+            num_groups, group_size, n_rewards,
+            rewards.stride(0), rewards.stride(1),
+            reward_weights.stride(0) if reward_weights is not None else 0,
+            keep_mask.stride(0) if keep_mask is not None else 0,
+            ddof, *_fp32_pair(eps),
+            SCALE=scale_mode, ONE_CHUNK=one_chunk, BLOCK_G=block_g, BLOCK_S=block_s,
+            HAS_OFFSETS=group_offsets is not None, HAS_PERM=perm is not None,
+            HAS_WEIGHTS=reward_weights is not None, HAS_KEEP=keep_mask is not None,
+        )
+    return advantages, combined, group_index, mean, std, count, zero_std, partials
+
+
+# --------------------------------------------------------------------------------------
+# torch.library op (what torch.compile traces), then the entry point.
+# --------------------------------------------------------------------------------------
+
+_OP_NAME = "triton_group_stats"
+if hasattr(torch.ops.grpo_fused, _OP_NAME):
+    # This file was imported a second time (as ``kernels.group_advantages`` from a checkout and
+    # as ``grpo_fused.kernels.group_advantages``); a second registration would raise.
+    _group_stats_op = getattr(torch.ops.grpo_fused, _OP_NAME).default
+else:
+    _group_stats_op = torch.library.triton_op(f"grpo_fused::{_OP_NAME}", mutates_args=())(group_stats)
+
+
+def _segments(
+    batch: int, group_size: Optional[int], group_ids: Optional[Tensor], group_offsets: Optional[Tensor]
+) -> Tuple[int, Optional[Tensor], Optional[Tensor]]:
+    """``(G, offsets (G+1,) int64 or None, perm (B,) int64 or None)`` from one group description."""
+    if group_size is not None:
+        return batch // group_size, None, None
+    if group_offsets is not None:
+        return group_offsets.shape[0] - 1, group_offsets.to(torch.int64).contiguous(), None
+    # Stable, so members of a group keep their row order (the kernel then sums in row order).
+    perm = torch.argsort(group_ids, stable=True)
+    _, sizes = torch.unique_consecutive(group_ids[perm], return_counts=True)  # host sync: G
+    offsets = torch.zeros(sizes.shape[0] + 1, dtype=torch.int64, device=group_ids.device)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    return sizes.shape[0], offsets, perm
 
 
 def _merge_batch_std(partials: Tensor, ddof: int) -> Tensor:
@@ -329,36 +415,13 @@ def group_advantages(
     """
     if scale not in SCALE_MODES:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    device = rewards.device
-    acc_dtype = compute_dtype(rewards.dtype)
-    batch = rewards.shape[0]
-    rewards_2d = rewards if rewards.dim() == 2 else rewards.unsqueeze(1)
-    num_groups, offsets, perm = _segments(batch, group_size, group_ids, group_offsets)
-    block_g, block_s, one_chunk = _block_shape(batch, num_groups, group_size)
-    num_programs = triton.cdiv(num_groups, block_g)
     ddof = 1 if unbiased else 0
-
-    advantages = torch.empty(batch, dtype=acc_dtype, device=device)
-    combined = torch.empty(batch, dtype=acc_dtype, device=device)
-    group_index = torch.empty(batch, dtype=torch.int64, device=device)
-    mean = torch.empty(num_groups, dtype=acc_dtype, device=device)
-    std = torch.empty(num_groups, dtype=acc_dtype, device=device)
-    count = torch.empty(num_groups, dtype=torch.int64, device=device)
-    zero_std = torch.empty(num_groups, dtype=torch.bool, device=device)
-    partials = torch.empty(num_programs, N_PARTIALS, dtype=acc_dtype, device=device)
-
-    if num_programs > 0:
-        _group_advantages_kernel[(num_programs,)](
-            rewards_2d, reward_weights, keep_mask, offsets, perm,
-            advantages, combined, group_index, mean, std, count, zero_std, partials,
-            num_groups, group_size if group_size is not None else 0, rewards_2d.shape[1],
-            rewards_2d.stride(0), rewards_2d.stride(1),
-            reward_weights.stride(0) if reward_weights is not None else 0,
-            keep_mask.stride(0) if keep_mask is not None else 0,
-            ddof, float(eps),
-            SCALE=SCALE_MODES[scale], ONE_CHUNK=one_chunk, BLOCK_G=block_g, BLOCK_S=block_s,
-        )
-
+    num_groups, offsets, perm = _segments(rewards.shape[0], group_size, group_ids, group_offsets)
+    advantages, combined, group_index, mean, std, count, zero_std, partials = _group_stats_op(
+        rewards if rewards.dim() == 2 else rewards.unsqueeze(1),
+        reward_weights, keep_mask, offsets, perm,
+        num_groups, group_size or 0, SCALE_MODES[scale], ddof, float(eps),
+    )
     if scale == "batch":
         advantages = advantages / (_merge_batch_std(partials, ddof) + eps)
         advantages = torch.where(torch.isfinite(advantages), advantages, 0.0)

@@ -366,8 +366,26 @@ def test_large_cuda(layout):
 def test_new_eps_does_not_recompile():
     rewards = make_rewards([8] * 64, seed=51)
     triton_group_advantages(rewards, group_size=8, eps=1e-4)
-    caches = ga._group_advantages_kernel.fn.device_caches  # device -> (kernel cache, ...)
+    caches = ga._group_advantages_kernel.device_caches  # device -> (kernel cache, ...)
     before = sum(len(c[0]) for c in caches.values())
     triton_group_advantages(rewards, group_size=8, eps=1e-6)
     triton_group_advantages(rewards, group_size=8, eps=0.5)
     assert before >= 1 and sum(len(c[0]) for c in caches.values()) == before
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="torch.compile cannot trace a Triton op on CPU tensors (interpreter)")
+@pytest.mark.parametrize("layout", ["size", "offsets"])
+def test_torch_compile_fullgraph(layout):
+    sizes = [8] * 40 if layout == "size" else VARIABLE_SIZES * 3
+    rewards = make_rewards(sizes, k=2, seed=61)
+    kwargs = layout_kwargs(layout, rewards.shape[0], sizes)
+    weights = torch.tensor([1.0, 0.5], device=DEVICE)
+    keep = random_keep(rewards.shape[0], seed=61)
+
+    def fn(r):
+        adv, stats = triton_group_advantages(r, reward_weights=weights, keep_mask=keep, scale="batch", **kwargs)
+        return adv, stats.std, stats.zero_std, stats.frac_zero_std
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for got, want in zip(compiled(rewards), fn(rewards)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
