@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -284,10 +285,30 @@ def probe(provider: Provider, device: torch.device) -> Optional[Dict[str, str]]:
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def bench_config():
+    """The :class:`GRPOConfig` of :data:`BENCH_CONFIG`, one object per process (compile guards on it)."""
     from .config import GRPOConfig
 
     return GRPOConfig(**BENCH_CONFIG)
+
+
+def _eager_logits_loss(logits, ids, adv, mask, old, ref, config):
+    from .reference import grpo_loss
+
+    return grpo_loss(logits, ids, adv, mask, old, ref, config=config).loss
+
+
+def _eager_linear_loss(hidden, weight, ids, adv, mask, old, ref, config):
+    from .reference import linear_grpo_loss
+
+    return linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, config=config).loss
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(op: str, dynamic: Optional[bool]):
+    # One compiled function per (op, dynamic) and process, so a sweep over lengths reuses it.
+    return torch.compile(_eager_logits_loss if op == "logits" else _eager_linear_loss, dynamic=dynamic)
 
 
 def make_inputs(case: Case, device, seed: int = 0, extra_position: bool = False) -> Dict[str, torch.Tensor]:
@@ -353,7 +374,7 @@ def build_step(provider: Provider, case: Case, inputs: Dict[str, torch.Tensor],
 
     ``dynamic`` is passed to ``torch.compile`` (``None``: its default) by the ``compile`` provider.
     """
-    from . import api, reference
+    from . import api
 
     cfg = bench_config()
     x = dict(inputs)
@@ -363,16 +384,12 @@ def build_step(provider: Provider, case: Case, inputs: Dict[str, torch.Tensor],
         # saves; a view makes the logits a non-leaf at no cost, for every provider alike.
         x["logits"] = inputs["logits"].view_as(inputs["logits"])
     if provider.kind in ("eager", "compile"):
-        if case.op == "logits":
-            def loss_fn(logits, ids, adv, mask, old, ref):
-                return reference.grpo_loss(logits, ids, adv, mask, old, ref, config=cfg).loss
-            args = (x["logits"],)
+        args = (x["logits"],) if case.op == "logits" else (x["hidden"], x["weight"])
+        args = args + (x["completion_ids"], x["advantages"], x["completion_mask"], x["old_logps"], x["ref_logps"], cfg)
+        if provider.kind == "compile":
+            fn = _compiled(case.op, dynamic)
         else:
-            def loss_fn(hidden, weight, ids, adv, mask, old, ref):
-                return reference.linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, config=cfg).loss
-            args = (x["hidden"], x["weight"])
-        args = args + (x["completion_ids"], x["advantages"], x["completion_mask"], x["old_logps"], x["ref_logps"])
-        fn = torch.compile(loss_fn, dynamic=dynamic) if provider.kind == "compile" else loss_fn
+            fn = _eager_logits_loss if case.op == "logits" else _eager_linear_loss
         return lambda: fn(*args)
     rest = (x["completion_ids"], x["advantages"], x["completion_mask"], x["old_logps"], x["ref_logps"])
     if provider.kind == "api":
