@@ -1,6 +1,43 @@
 """grpo-fused: fused GRPO-family loss kernels (Triton, C++) with an eager PyTorch reference."""
 
+import glob
+import importlib.util
+import os
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpp_extension_kwargs():
+    """Build grpo_fused._C now when torch is importable here (pip install --no-build-isolation).
+
+    Otherwise (the usual isolated build, which must never download a second torch) nothing is
+    compiled: grpo_fused builds csrc/ just in time on first use and caches it. Set
+    GRPO_FUSED_NO_BUILD_EXT=1 to skip this build, GRPO_FUSED_BUILD_NATIVE=1 to compile for this
+    machine's CPU (AVX2/FMA) instead of a portable baseline.
+    """
+    if os.environ.get("GRPO_FUSED_NO_BUILD_EXT") == "1":
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return {}
+    # The flags live in the JIT loader; load that file alone (the package imports far more).
+    spec = importlib.util.spec_from_file_location("_grpo_fused_cpp_build", os.path.join(HERE, "grpo_fused", "_cpp_build.py"))
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    flags = loader.compile_flags(native=os.environ.get("GRPO_FUSED_BUILD_NATIVE") == "1")
+    sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    extension = CppExtension(
+        "grpo_fused._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args=flags,
+        extra_link_args=["-fopenmp"],
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
 
 setup(
     name="grpo-fused",
@@ -15,7 +52,7 @@ setup(
     # a top-level import package named `kernels` would shadow Hugging Face's `kernels`.
     packages=["grpo_fused", "grpo_fused.backends", "grpo_fused.integrations", "grpo_fused.kernels"],
     package_dir={"grpo_fused.kernels": "kernels"},
-    install_requires=["torch>=2.5", "numpy"],
+    install_requires=["torch>=2.5", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "trl==1.16.0", "triton>=3.2"],
@@ -23,4 +60,5 @@ setup(
         "trl": ["trl>=1.16.0"],
     },
     entry_points={"console_scripts": ["grpo-fused=grpo_fused.cli:main"]},
+    **cpp_extension_kwargs(),
 )
