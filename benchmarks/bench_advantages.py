@@ -22,6 +22,15 @@ Bytes each call must move at least (written out for the GB/s column), B rewards,
   write mean 4G, std 4G, count 8G, zero_std 1G.
   The ``ids`` layout also reads the ids and the permutation (8B + 8B) and sorts (not counted).
 
+Floor and prediction, written before any GPU measurement (none has been taken yet): at B = 2**20,
+G = 8, the bytes above are 22.2 MB, 6.6 us at the H100's 3.35 TB/s. The kernel is one launch of
+ceil(G / 256) = 512 programs of (256, 8) tiles, so its device time should sit near that floor
+plus launch latency (~10-15 us); the Python side (argument binding of the triton_op, 8 output
+allocations, two tiny ops for frac_zero_std) is expected to dominate the wall time, ~40-60 us.
+The eager reference issues ~35 kernels (three index_add_ among them), ~200-400 us of wall time
+when launch-bound. Expected: ~5-10x on wall time, more on device time; the ``ids`` layout adds
+an argsort, a host sync and a gather on both sides.
+
 Results: ``benchmarks/results/advantages-<device>-<date>.json`` (long format, one record per
 provider x configuration) with the device, versions, date and git revision.
 """

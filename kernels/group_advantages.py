@@ -41,6 +41,7 @@ except where noted):
 from __future__ import annotations
 
 import math
+import os
 import struct
 from typing import Optional, Tuple
 
@@ -412,9 +413,13 @@ def group_advantages(
         ``(advantages (B,), GroupStats)``, floats in fp32 (fp64 for fp64 rewards), counts and
         group index int64, ``zero_std`` bool. Extra torch work beyond the launch is listed in the
         module docstring (a frac reduction; argsort for ``group_ids``; O(B) rescale for "batch").
+        Rewards are data: there is no gradient (backward through the op raises).
     """
     if scale not in SCALE_MODES:
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if rewards.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"rewards must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got one on {rewards.device}")
     ddof = 1 if unbiased else 0
     num_groups, offsets, perm = _segments(rewards.shape[0], group_size, group_ids, group_offsets)
     advantages, combined, group_index, mean, std, count, zero_std, partials = _group_stats_op(

@@ -298,6 +298,19 @@ def test_all_nan_row_of_multiple_rewards_is_unscored():
     assert stats.count.tolist() == [3] and adv[1].item() == 0.0
 
 
+def test_cpu_tensor_outside_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="rewards must be a CUDA tensor"):
+        triton_group_advantages(torch.zeros(4), group_size=2)
+
+
+def test_rewards_carry_no_gradient():
+    rewards = make_rewards([4] * 3, seed=8, nan_frac=0.0).requires_grad_()
+    adv, _ = triton_group_advantages(rewards, group_size=4)
+    with pytest.raises(RuntimeError):  # no autograd formula is registered for the op
+        adv.sum().backward()
+
+
 # --------------------------------------------------------------------------------------
 # Through the public API, and against TRL's own nanstd.
 # --------------------------------------------------------------------------------------
