@@ -127,6 +127,7 @@ def wall_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
 
 
 def device_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> Dict[str, float]:
+    """CUDA: device time between events (do_bench). CPU: host time of each call."""
     if device.type == "cuda":
         import triton.testing
 
@@ -205,7 +206,8 @@ def run(args) -> Dict[str, Any]:
                         record["speedup_wall"] = eager_ms["wall_ms"] / record["wall_ms"]
                     records.append(record)
                     print(f"{layout:7s} G={group_size:<5d} {scale:5s} {provider:8s} "
-                          f"device {record['device_ms']['median']:8.4f} ms  wall {record['wall_ms']:8.4f} ms  "
+                          f"{'events' if device.type == 'cuda' else 'host'} {record['device_ms']['median']:8.4f} ms  "
+                          f"wall {record['wall_ms']:8.4f} ms  "
                           f"{record['GB_per_s']:7.1f} GB/s  launches {record['launches']}  "
                           f"x{record.get('speedup_device', float('nan')):.1f} (device) "
                           f"x{record.get('speedup_wall', float('nan')):.1f} (wall)  "
