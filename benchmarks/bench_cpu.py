@@ -146,6 +146,8 @@ def _machine() -> dict:
         python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_rev=rev,
+        # A shared machine slows every provider; the 1-minute load average says how shared it was.
+        load_average_1min=os.getloadavg()[0],
     )
 
 

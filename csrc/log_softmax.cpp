@@ -235,19 +235,22 @@ std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor
   return {logps, lse, entropy};
 }
 
-// Returns (dhidden (N, H), dweight (V, H), dbias (V,) or (0,)) in the input dtypes.
+// Returns (dhidden (N, H), dweight (V, H), dbias (V,)) in the input dtypes.
+// dweight / dbias are skipped, and returned as (0,), when not asked for (a frozen lm_head).
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Tensor& grad_entropy,
                                               const Tensor& hidden, const Tensor& weight,
                                               const c10::optional<Tensor>& bias, const Tensor& ids, const Tensor& lse,
-                                              const Tensor& entropy, double inv_temperature, int64_t chunk_rows) {
+                                              const Tensor& entropy, double inv_temperature, int64_t chunk_rows,
+                                              bool compute_dweight, bool compute_dbias) {
   check_linear(hidden, weight, bias, chunk_rows);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   LinearOperands ops = linear_operands(hidden, weight, bias);
   auto opts = hidden.options().dtype(ops.acc);
   const bool has_entropy_grad = grad_entropy.numel() > 0;
   Tensor dhidden = at::empty({rows, hidden.size(1)}, opts);
-  Tensor dweight = at::zeros({vocab, hidden.size(1)}, opts);
-  Tensor dbias = at::zeros({bias ? vocab : 0}, opts);
+  compute_dbias = compute_dbias && bias.has_value();
+  Tensor dweight = at::zeros({compute_dweight ? vocab : 0, compute_dweight ? hidden.size(1) : 0}, opts);
+  Tensor dbias = at::zeros({compute_dbias ? vocab : 0}, opts);
   const int64_t chunk = std::min(chunk_rows, std::max<int64_t>(rows, 1));
   Tensor buffer = at::empty({chunk, vocab}, opts);
   for (int64_t start = 0; start < rows; start += chunk) {
@@ -260,11 +263,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
     Tensor h = hidden.narrow(0, start, n).to(ops.acc);
     Tensor dhidden_chunk = dhidden.narrow(0, start, n);
     at::mm_out(dhidden_chunk, dlogits, ops.weight);
-    dweight.addmm_(dlogits.t(), h);
-    if (bias) dbias.add_(dlogits.sum(0));
+    if (compute_dweight) dweight.addmm_(dlogits.t(), h);
+    if (compute_dbias) dbias.add_(dlogits.sum(0));
   }
   return {dhidden.to(hidden.scalar_type()), dweight.to(weight.scalar_type()),
-          bias ? dbias.to(bias->scalar_type()) : dbias};
+          compute_dbias ? dbias.to(bias->scalar_type()) : dbias};
 }
 
 }  // namespace

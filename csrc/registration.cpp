@@ -17,9 +17,10 @@ TORCH_LIBRARY(grpo_fused_cpp, m) {
   // hidden (N, H), weight (V, H), bias (V,): logits computed chunk_rows tokens at a time.
   m.def("linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, float inv_temperature,"
         " bool compute_entropy, int chunk_rows) -> (Tensor logps, Tensor lse, Tensor entropy)");
-  // (dhidden (N, H), dweight (V, H), dbias (V,) or (0,)).
+  // (dhidden (N, H), dweight (V, H), dbias (V,)); dweight / dbias are (0,) when not asked for.
   m.def("linear_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias,"
-        " Tensor ids, Tensor lse, Tensor entropy, float inv_temperature, int chunk_rows)"
+        " Tensor ids, Tensor lse, Tensor entropy, float inv_temperature, int chunk_rows, bool compute_dweight,"
+        " bool compute_dbias)"
         " -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
   // rewards (B,) combined, group_index (B,) int64, keep_mask (B,) bool or (0,); scale_mode 0 group,
   // 1 batch, 2 none. Returns (advantages (B,), mean (G,), std (G,), count (G,), zero_std (G,)).

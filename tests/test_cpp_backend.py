@@ -331,6 +331,21 @@ def test_linear_grpo_loss_matches_reference(dtype, with_bias, monkeypatch):
         assert err <= grad_tol * (1 + twin.grad.abs().max()), err
 
 
+def test_linear_frozen_lm_head_gets_no_weight_gradient():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, dtype=torch.float64)  # frozen
+    bias = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 3), generator=g)
+    adv = torch.randn(2, generator=g, dtype=torch.float64)
+    gf.linear_grpo_loss(hidden, weight, ids, adv, bias=bias, backend="cpp").loss.backward()
+    twin_h, twin_b = hidden.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    ref.linear_grpo_loss(twin_h, weight, ids, adv, bias=twin_b).loss.backward()
+    assert weight.grad is None
+    torch.testing.assert_close(hidden.grad, twin_h.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bias.grad, twin_b.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_linear_strategy_tiled_is_refused():
     hidden = torch.randn(1, 2, 4)
     weight = torch.randn(6, 4)

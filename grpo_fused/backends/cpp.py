@@ -108,9 +108,11 @@ def _linear_fwd_fake(hidden, weight, bias, ids, inv_temperature, compute_entropy
     return _logits_fwd_fake(hidden, ids, inv_temperature, compute_entropy)
 
 
-def _linear_bwd_fake(grad_logps, grad_entropy, hidden, weight, bias, ids, lse, entropy, inv_temperature, chunk_rows):
-    dbias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(hidden), torch.empty_like(weight), dbias
+def _linear_bwd_fake(grad_logps, grad_entropy, hidden, weight, bias, ids, lse, entropy, inv_temperature, chunk_rows,
+                     compute_dweight, compute_dbias):
+    dweight = torch.empty_like(weight) if compute_dweight else weight.new_empty(0, 0)
+    dbias = torch.empty_like(bias) if (compute_dbias and bias is not None) else hidden.new_empty(0, dtype=_acc_dtype(hidden.dtype))
+    return torch.empty_like(hidden), dweight, dbias
 
 
 def _group_advantages_fake(rewards, group_index, num_groups, keep_mask, scale_mode, unbiased, eps):
@@ -172,8 +174,16 @@ def _linear_backward(ctx, grad_logps, grad_lse, grad_entropy):
         entropy,
         state.inv_temperature,
         state.chunk_rows,
+        ctx.needs_input_grad[1],
+        bias is not None and ctx.needs_input_grad[2],
     )
-    return dhidden, dweight, (dbias if bias is not None else None), None, None, None, None
+    # A frozen lm_head (weight.requires_grad False) skips the dweight GEMM, a third of the backward.
+    return (
+        dhidden,
+        dweight if ctx.needs_input_grad[1] else None,
+        dbias if (bias is not None and ctx.needs_input_grad[2]) else None,
+        None, None, None, None,
+    )
 
 
 def _register_python_parts() -> None:
@@ -211,6 +221,8 @@ class _InplaceLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_lse, grad_entropy):
         logits, ids, lse, entropy = ctx.saved_tensors
         state = ctx.state
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(lse)
         _ops().logits_bwd_inplace(
             grad_logps.contiguous(), _entropy_grad(grad_entropy, state, lse), logits, ids, lse, entropy,
             state.inv_temperature,
