@@ -89,7 +89,7 @@ def _policy_term(logp, log_ratio, advantage, clip_low, clip_high, cispo_cap, del
     except on a measure-zero set, so the ``<=`` choice matches the reference's autograd.
     """
     ratio = tl.exp(log_ratio)
-    flags = tl.zeros_like(ratio).to(tl.int8)
+    flags = (ratio * 0.0).to(tl.int8)
     if LOSS == 0:  # clipped surrogate, TRL two-sided delta, verl dual clip
         clipped = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
         d_clipped = ((ratio >= clip_low) & (ratio <= clip_high)).to(ratio.dtype)
@@ -521,12 +521,17 @@ def token_weights(mask: Tensor, config: GRPOConfig, num_items_in_batch=None, glo
     if c.loss_agg_mode is not None:
         if c.loss_agg_mode == "token-mean":
             return mask * (c.dp_size / tokens())
-        seqs = B if global_batch_size is None else global_batch_size * c.dp_size
+        # verl: sequences with at least one token, unless the caller gives the global count.
+        if global_batch_size is None:
+            seqs = (mask.sum(-1) > 0).to(mask.dtype).sum().clamp(min=1.0)
+        else:
+            seqs = torch.as_tensor(global_batch_size, dtype=mask.dtype, device=mask.device)
+        scale = c.dp_size / seqs
         if c.loss_agg_mode == "seq-mean-token-sum":
-            return mask / seqs
+            return mask * scale
         if c.loss_agg_mode == "seq-mean-token-sum-norm":
-            return mask / ((c.max_completion_length or T) * seqs)
-        return mask / ((mask.sum(-1, keepdim=True) + 1e-8) * seqs)  # seq-mean-token-mean
+            return mask * (scale / (c.max_completion_length or T))
+        return mask / (mask.sum(-1, keepdim=True) + 1e-8) * scale  # seq-mean-token-mean
     lt = c.loss_type
     if lt in ("grpo", "sapo", "gmpo"):
         return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * B)

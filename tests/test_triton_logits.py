@@ -620,3 +620,22 @@ def test_more_than_65535_positions_on_cuda():
     out = gl.grpo_loss(logits, config=config, **{k: v for k, v in inputs.items() if k != "logits"})
     out.loss.backward()
     assert_output_matches(out, truth, logits.grad, truth_grad, torch.float32, config.temperature)
+
+
+@pytest.mark.parametrize("config_kwargs", [
+    dict(loss_type=lt) for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "gpg")
+] + [dict(loss_type="dr_grpo", max_completion_length=9)] + [
+    dict(loss_type="grpo", loss_agg_mode=mode, dp_size=2, max_completion_length=7)
+    for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+])
+@pytest.mark.parametrize("normalizers", [dict(), dict(num_items_in_batch=11.0, global_batch_size=5)])
+def test_token_weights_reproduce_the_reference_reduction(config_kwargs, normalizers):
+    # The fused loss is sum(w * l): w must be exactly the spec's reduce_loss, normalizer by normalizer.
+    config = GRPOConfig(**config_kwargs)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(4, 6, generator=g) > 0.3).double()
+    mask[3] = 0
+    per_token = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    expected = ref_impl.reduce_loss(per_token, mask, config, **normalizers)
+    weights = gl.token_weights(mask, config, **normalizers)
+    torch.testing.assert_close((weights * per_token).sum(), expected, rtol=1e-12, atol=1e-12)
