@@ -202,7 +202,7 @@ def dp_normalizers(
     - verl ``loss_agg_mode`` (with ``config.dp_size``, verl's convention is ``dp_size = R``):
       ``token-mean``: ``num_items_in_batch = N``, ``scale = g / dp_size``; ``seq-mean-*``:
       ``scale = g / dp_size`` and the ``global_batch_size`` that the reference's
-      ``seq_losses.sum() / (global_batch_size * dp_size)`` needs for the global mean over
+      ``seq_losses.sum() / global_batch_size * dp_size`` needs for the global mean over
       ``S`` sequences (for ``gmpo`` the scale is the sequence one and the normalizers follow).
 
     Every normalizer is clamped to at least one token (a batch with no masked-in token gives
@@ -238,10 +238,13 @@ def dp_normalizers(
             torch.stack(local_tokens).sum(),
             torch.tensor(float(sum(m.shape[0] for m in masks)), **f64),
             torch.tensor(float(max(m.shape[1] for m in masks)), **f64),
+            # verl's sequence means count only sequences with at least one token.
+            sum((m.sum(-1) > 0).to(torch.float64).sum() for m in masks),
         ]
     )
-    table = _gather_rows(local_row, process_group, world_size, rank)  # (R, 3)
+    table = _gather_rows(local_row, process_group, world_size, rank)  # (R, 4)
     tokens, sequences, longest = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].max()
+    nonempty_sequences = table[:, 3].sum().clamp(min=1.0)
 
     g = float(world_size if gradient_reduction == "mean" else 1)
     dp = float(config.dp_size)
@@ -279,9 +282,9 @@ def dp_normalizers(
                 # reference: sum / max(n, 1) * dp  ->  scale * that = g * sum / N
                 n = scale * dp * tokens_1 / g
             else:
-                # reference: seq_sum / (gbs * dp)  ->  scale * that = g * seq_sum / S;
+                # reference: seq_sum / gbs * dp  ->  scale * that = g * seq_sum / S;
                 # the sum-norm mode divides by the local T when max_completion_length is unset.
-                gbs = scale * sequences / (g * dp)
+                gbs = scale * dp * nonempty_sequences / g
                 if mode == "seq-mean-token-sum-norm" and fixed_length is None:
                     gbs = gbs * longest / length
         out.append(

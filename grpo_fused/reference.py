@@ -187,7 +187,9 @@ def reduce_loss(
     to at least 1, so an all-masked batch gives 0, not NaN.
 
     With ``config.loss_agg_mode`` set, verl's ``agg_loss`` instead: ``num_items_in_batch``
-    is its ``batch_num_tokens``, ``global_batch_size`` its sequence count.
+    is its ``batch_num_tokens``, ``global_batch_size`` its sequence count (default: the
+    sequences with at least one token), ``config.dp_size`` its ``dp_size`` multiplier and
+    ``max_completion_length`` its ``loss_scale_factor``.
     """
     masked = per_token * mask
     B, T = mask.shape
@@ -214,17 +216,24 @@ def _token_normalizer(mask: Tensor, num_items_in_batch) -> Tensor:
 
 
 def _verl_agg_loss(masked, mask, config, num_items_in_batch, global_batch_size):
+    # verl agg_loss: global normalizers times dp_size (the gradient is averaged over dp ranks).
+    # A sequence-mean divides by the count of sequences that have at least one token, unless
+    # the caller gives the global count.
     mode, dp = config.loss_agg_mode, config.dp_size
     if mode == "token-mean":
         return masked.sum() / _token_normalizer(mask, num_items_in_batch) * dp
-    seqs = mask.shape[0] if global_batch_size is None else global_batch_size * dp
-    if mode == "seq-mean-token-sum":
-        seq_losses = masked.sum(-1)
-    elif mode == "seq-mean-token-sum-norm":
-        seq_losses = masked.sum(-1) / (config.max_completion_length or mask.shape[-1])
-    else:  # seq-mean-token-mean
+    if global_batch_size is None:
+        seqs = (mask.sum(-1) > 0).to(mask.dtype).sum().clamp(min=1.0)
+    else:
+        seqs = torch.as_tensor(global_batch_size, dtype=mask.dtype, device=mask.device)
+    if mode == "seq-mean-token-mean":
         seq_losses = masked.sum(-1) / (mask.sum(-1) + 1e-8)
-    return seq_losses.sum() / seqs
+    else:
+        seq_losses = masked.sum(-1)
+    loss = seq_losses.sum() / seqs * dp
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (config.max_completion_length or mask.shape[-1])
+    return loss
 
 
 # --------------------------------------------------------------------------------------

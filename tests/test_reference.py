@@ -117,6 +117,24 @@ def test_reductions_by_hand(cfg, kwargs, expected):
     assert got.item() == pytest.approx(expected, rel=1e-7)
 
 
+@pytest.mark.parametrize(
+    "cfg,kwargs,expected",
+    [
+        # verl: sequence means count only sequences with a token; global counts times dp_size.
+        ({"loss_agg_mode": "seq-mean-token-sum"}, {}, 7 / 2),
+        ({"loss_agg_mode": "seq-mean-token-mean"}, {}, (1.5 + 4.0) / 2),
+        ({"loss_agg_mode": "seq-mean-token-sum", "dp_size": 2}, {"global_batch_size": 7}, 7 / 7 * 2),
+        ({"loss_agg_mode": "seq-mean-token-sum-norm", "dp_size": 2}, {"global_batch_size": 4}, 7 / 4 * 2 / 3),
+        ({"loss_type": "grpo"}, {}, (1.5 + 4.0 + 0.0) / 3),  # TRL averages over all B
+    ],
+)
+def test_verl_sequence_means_skip_empty_sequences(cfg, kwargs, expected):
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    got = reference.reduce_loss(per_token, mask, GRPOConfig(**cfg), **kwargs)
+    assert got.item() == pytest.approx(expected, rel=1e-7)
+
+
 def test_on_policy_dapo_loss_and_gradient_by_hand():
     # Two tokens, on-policy: ratio 1, loss = -A, d loss / d logp = -A / 2 per token.
     logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
