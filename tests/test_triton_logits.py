@@ -432,11 +432,12 @@ def test_grpo_loss_all_masked_batch_gives_zero_loss_and_gradient():
             torch.testing.assert_close(out.metrics[name].double(), value, equal_nan=True, msg=name)
 
 
-def test_grpo_loss_inplace_backward_through_public_api():
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_loss_inplace_backward_through_public_api(level):
     import grpo_fused as gf
 
     inputs = make_loss_inputs(torch.bfloat16, T=4, seed=4)
-    config = GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.02)
+    config = GRPOConfig(loss_type="dapo", beta=0.04, entropy_coef=0.02, importance_sampling_level=level)
     kwargs = {k: v for k, v in inputs.items() if k != "logits"}
     x = inputs["logits"].clone().requires_grad_()
     expected = gf.grpo_loss(x, config=config, backend="triton", **kwargs)
