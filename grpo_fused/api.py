@@ -261,9 +261,13 @@ def group_advantages(
             raise ValueError(f"group_ids must have shape ({B},), got {tuple(group_ids.shape)}")
     if group_offsets is not None:
         v.check_tensor("group_offsets", group_offsets, ndim=(1,), kind="int")
-        offsets = group_offsets.detach().cpu()
-        if offsets.numel() < 2 or offsets[0] != 0 or offsets[-1] != B or bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError(f"group_offsets must rise from 0 to {B} (the number of rewards), got {offsets.tolist()}")
+        if group_offsets.numel() < 2:
+            raise ValueError(f"group_offsets must rise from 0 to {B} (the number of rewards), got {group_offsets.tolist()}")
+        # Reading the offsets is a host sync on a GPU; a traced graph skips it (like the id check).
+        if not torch.compiler.is_compiling():
+            offsets = group_offsets.detach().cpu()
+            if offsets[0] != 0 or offsets[-1] != B or bool((offsets[1:] < offsets[:-1]).any()):
+                raise ValueError(f"group_offsets must rise from 0 to {B} (the number of rewards), got {offsets.tolist()}")
     if reward_weights is not None:
         v.check_tensor("reward_weights", reward_weights, ndim=(1,), kind="float")
         if rewards.dim() != 2 or reward_weights.shape[0] != rewards.shape[1]:
