@@ -640,3 +640,21 @@ def test_token_weights_reproduce_the_reference_reduction(config_kwargs, normaliz
     expected = ref_impl.reduce_loss(per_token, mask, config, **normalizers)
     weights = gl.token_weights(mask, config, **normalizers)
     torch.testing.assert_close((weights * per_token).sum(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grpo_loss_non_contiguous_inputs():
+    inputs = make_loss_inputs(torch.float16, adv="BT", isw="BT", seed=13)
+    config = GRPOConfig(loss_type="grpo", beta=0.04, delta=1.6)
+    truth, truth_grad = reference_float64(inputs, config)
+
+    def transposed(t):  # same values, column-major strides
+        return t.t().contiguous().t() if isinstance(t, torch.Tensor) and t.dim() == 2 else t
+
+    kwargs = {k: transposed(v) for k, v in inputs.items() if k != "logits"}
+    assert not kwargs["completion_ids"].is_contiguous() and not kwargs["old_logps"].is_contiguous()
+    wide = torch.zeros(3, 5, 300, dtype=torch.float16, device=DEVICE)
+    wide[..., :257] = inputs["logits"]
+    logits = wide[..., :257].requires_grad_()  # row stride 300
+    out = gl.grpo_loss(logits, config=config, **kwargs)
+    out.loss.backward()
+    assert_output_matches(out, truth, logits.grad, truth_grad, torch.float16, 1.0)
