@@ -60,6 +60,10 @@ def bench_markdown(doc: Dict[str, Any]) -> List[str]:
     floors = doc["floors"]
     lines.append(f"Floors: {floors['bandwidth'] / 1e12:.3g} TB/s ({floors['bandwidth_source']}), "
                  f"{floors['gemm_flops'] / 1e12:.3g} TFLOP/s ({floors['gemm_source']}).")
+    if doc["device"]["type"] != "cuda":
+        lines.append("On CPU the floors are rates measured here and a working set that fits in cache can beat "
+                     "them (more than 100% of floor); load average at the start: "
+                     f"{', '.join(f'{x:.1f}' for x in doc.get('load_average') or [])}.")
     lines.append("")
     for case in doc["cases"]:
         op = case["op"]
