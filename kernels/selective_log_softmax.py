@@ -19,12 +19,17 @@ slices such as ``logits[:, :-1]`` need no copy; the last dim must be contiguous.
 
 The same jitted row pass (:func:`_row_softmax_stats`) is the vocabulary loop of the GRPO
 kernel in :mod:`grpo_fused.kernels.grpo_logits`.
+
+Layers, top to bottom: :func:`selective_log_softmax` (entry point, autograd) ->
+``torch.ops.grpo_fused.triton_vocab_fwd`` / ``triton_vocab_bwd[_out|_inplace]`` (``triton_op``s,
+what torch.compile sees) -> :func:`vocab_fwd` / :func:`vocab_bwd` (validate, allocate, launch)
+-> the kernels. :func:`logits_fwd` / :func:`logits_bwd` are the ``(N, V)`` launchers other
+kernels build on (the fused linear path runs them on logit chunks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Tuple
 
 import torch
