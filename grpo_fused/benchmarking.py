@@ -61,8 +61,8 @@ NOMINAL_BANDWIDTH = (
     ("H100 PCIe", 2.0e12),
     ("H100 NVL", 3.9e12),
     ("H100", 3.35e12),
+    ("GH200", 4.0e12),  # before "H200", which its name contains
     ("H200", 4.8e12),
-    ("GH200", 4.0e12),
     ("B200", 8.0e12),
     ("A100-SXM4-80GB", 2.039e12),
     ("A100 80GB", 1.935e12),
@@ -671,6 +671,9 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "git_revision": rev,
         # Other work on a shared machine skews timings; the load average says how much there was.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # GRPO_FUSED_CHECK_IDS=0 drops the public API's id range check (one host sync per call).
+        "environment_variables": {k: os.environ.get(k) for k in (
+            "GRPO_FUSED_CHECK_IDS", "TRITON_INTERPRET", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")},
     }
 
 
