@@ -3,6 +3,7 @@
     python benchmarks/bench_logits.py                     # GPU: V in 32000, 128256, 151936; N in 4096, 16384
     python benchmarks/bench_logits.py --vocab 151936 --tokens 16384 --providers eager triton triton-inplace
     python benchmarks/bench_logits.py --smoke             # CPU: tiny shapes, checks the script end to end
+    GRPO_FUSED_BLOCK_V=4096 python benchmarks/bench_logits.py --providers triton   # try another tile width
 
 Providers (see :mod:`grpo_fused.benchmarking`): ``eager`` (grpo_fused.reference, TRL-style: fp32
 logits materialized, log-softmax, gather), ``compile`` (torch.compile of it), ``triton`` and

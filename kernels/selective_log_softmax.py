@@ -30,6 +30,7 @@ kernels build on (the fused linear path runs them on logit chunks).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -232,16 +233,22 @@ def _launchable(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+# Opt-in tuning knob for a GPU session (benchmarks/bench_logits.py), read once at import:
+# GRPO_FUSED_BLOCK_V=4096 tries wider tiles without touching the code.
+_MAX_BLOCK_V = int(os.environ.get("GRPO_FUSED_BLOCK_V", "2048"))
+
+
 def _launch_config(vocab: int, block_v: Optional[int]) -> Tuple[int, int]:
     """``(BLOCK_V, num_warps)``: a fixed config, not autotuned (no tuning race, fast first call).
 
     2048 columns over 8 warps is 8 columns a thread: one 16-byte load of bf16 per tile, and
     ~3 x 8 fp32 accumulators a thread, few enough registers for several programs per SM to keep
     loads in flight (a streaming kernel lives on occupancy). Chosen by that count, not yet
-    tuned on a GPU; ``block_v`` overrides it.
+    tuned on a GPU; ``block_v`` (or ``GRPO_FUSED_BLOCK_V``) overrides it. num_warps keeps 8
+    columns a thread, capped at 8 warps.
     """
     if block_v is None:
-        block_v = min(2048, triton.next_power_of_2(max(vocab, 16)))
+        block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
     if block_v & (block_v - 1) or block_v < 16:
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     num_warps = max(1, min(8, block_v // 256))
