@@ -63,7 +63,7 @@ inline vfloat vexp(vfloat x) {
   p = p * r + 5.0000001201e-1f;
   const vfloat y = p * r * r + r + 1.0f;
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  const vfloat scale = reinterpret_cast<const vfloat&>(bits);
+  const vfloat scale = (vfloat)bits;  // a vector cast reinterprets the bits (no aliasing UB)
   const vfloat out = y * scale;
   // NaN > -87 is false too, so test "below -87" rather than "not above".
   return vselect(x < lo, splat(0.0f), vselect(x != x, x, out));
