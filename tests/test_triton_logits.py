@@ -660,3 +660,16 @@ def test_grpo_loss_non_contiguous_inputs():
     out = gl.grpo_loss(logits, config=config, **kwargs)
     out.loss.backward()
     assert_output_matches(out, truth, logits.grad, truth_grad, torch.float16, 1.0)
+
+
+def test_grpo_loss_with_many_narrow_tiles(monkeypatch):
+    # 64-wide tiles: V = 257 is five tiles, the last holding one column, through fwd, epilogue, bwd.
+    monkeypatch.setattr(sls, "_MAX_BLOCK_V", 64)
+    inputs = make_loss_inputs(torch.bfloat16, seed=21, adv="BT")
+    inputs["logits"][0, 0, 256] = 30.0  # the row max sits alone in the last tile
+    config = GRPOConfig(loss_type="sapo", beta=0.04, entropy_coef=0.02, temperature=0.8)
+    truth, truth_grad = reference_float64(inputs, config)
+    logits = inputs["logits"].clone().requires_grad_()
+    out = gl.grpo_loss(logits, config=config, **{k: v for k, v in inputs.items() if k != "logits"})
+    out.loss.backward()
+    assert_output_matches(out, truth, logits.grad, truth_grad, torch.bfloat16, config.temperature)
