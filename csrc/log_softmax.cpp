@@ -74,6 +74,8 @@ void forward_rows(const Tensor& logits, const int64_t* ids, acc_t scale, bool co
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   at::parallel_for(0, view.rows, grain_rows(view.vocab), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      // One compare per row; the Python API checks ids too, but GRPO_FUSED_CHECK_IDS=0 skips that.
+      TORCH_CHECK(ids[r] >= 0 && ids[r] < view.vocab, "ids must lie in [0, ", view.vocab, "), found ", ids[r]);
       const scalar_t* row = base + view.offset(r);
       RowStats<acc_t> stats = compute_entropy ? row_forward<true>(row, view.vocab, scale)
                                               : row_forward<false>(row, view.vocab, scale);
@@ -93,6 +95,7 @@ void backward_rows(const Tensor& logits, Tensor& dlogits, const int64_t* ids, ac
   scalar_t* out_base = dlogits.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, in_view.rows, grain_rows(in_view.vocab), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      TORCH_CHECK(ids[r] >= 0 && ids[r] < in_view.vocab, "ids must lie in [0, ", in_view.vocab, "), found ", ids[r]);
       const scalar_t* row = in_base + in_view.offset(r);
       scalar_t* out = out_base + out_view.offset(r);
       if (grad_entropy != nullptr) {

@@ -484,6 +484,8 @@ def test_the_ops_check_their_arguments():
         ops.logits_fwd(logits, torch.zeros(4, dtype=torch.int32), 1.0, False)
     with pytest.raises(RuntimeError, match="ids must be contiguous \\(4,\\)"):
         ops.logits_fwd(logits, torch.zeros(3, dtype=torch.long), 1.0, False)
+    with pytest.raises(RuntimeError, match="ids must lie in \\[0, 10\\), found 10"):
+        ops.logits_fwd(logits, torch.tensor([0, 1, 10, 2]), 1.0, False)
     with pytest.raises(RuntimeError, match="logits must be"):
         ops.logits_fwd(torch.randn(10), torch.zeros(1, dtype=torch.long), 1.0, False)
     with pytest.raises(RuntimeError, match="weight must be"):
