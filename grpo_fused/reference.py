@@ -51,10 +51,12 @@ def selective_log_softmax(
     logps = z.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse
     entropy = None
     if compute_entropy:
-        p = torch.exp(z - lse.unsqueeze(-1))
-        # p * z is 0 * -inf = NaN on masked vocab columns; their contribution is 0.
-        pz = torch.where(p > 0, p * z, torch.zeros_like(z))
-        entropy = lse - pz.sum(-1)
+        log_p = z - lse.unsqueeze(-1)
+        p = torch.exp(log_p)
+        # H = -sum p log p. On masked (-inf) columns p log p is 0 * -inf; zero log p there
+        # *before* the product so that neither the value nor its gradient sees a NaN.
+        log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+        entropy = -(p * log_p).sum(-1)
     return logps, entropy
 
 

@@ -231,6 +231,23 @@ def test_masked_vocab_and_huge_logits_stay_finite():
     assert grad[..., 5].abs().max() == 0  # masked columns get no gradient
 
 
+def test_entropy_bonus_gradient_is_finite_on_masked_vocab():
+    logits = torch.randn(2, 3, 6, dtype=torch.float64)
+    logits[..., 4:] = -float("inf")
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    logits.requires_grad_(True)
+    out = reference.grpo_loss(logits, ids, torch.tensor([1.0, -1.0], dtype=torch.float64),
+                              config=GRPOConfig(entropy_coef=0.1))
+    out.loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[..., 4:].abs().max() == 0
+    # The same gradient as with the masked columns removed altogether.
+    short = logits.detach()[..., :4].clone().requires_grad_(True)
+    reference.grpo_loss(short, ids, torch.tensor([1.0, -1.0], dtype=torch.float64),
+                        config=GRPOConfig(entropy_coef=0.1)).loss.backward()
+    torch.testing.assert_close(logits.grad[..., :4], short.grad)
+
+
 def test_noncontiguous_inputs_match_contiguous():
     logits, ids, mask, old, ref, adv = _inputs(B=4, T=5, V=7, dtype=torch.float32)
     cfg = GRPOConfig(loss_type="bnpo", beta=0.04)
