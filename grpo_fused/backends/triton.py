@@ -12,8 +12,8 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from grpo_fused.kernels.grpo_logits import grpo_loss  # noqa: F401
 from grpo_fused.kernels.selective_log_softmax import selective_log_softmax  # noqa: F401
-from grpo_fused.kernels.linear_grpo import linear_grpo_loss, linear_log_softmax  # noqa: F401
 from grpo_fused.kernels.group_advantages import group_advantages  # noqa: F401
+from grpo_fused.kernels.linear_grpo import linear_grpo_loss, linear_log_softmax  # noqa: F401
 
 
 def availability(device):
