@@ -4,7 +4,7 @@ with the ``(N, V)`` logits never written to memory.
 Forward: each program owns ``BLOCK_N`` tokens and one contiguous split of the vocab tiles.
 It builds each ``(BLOCK_N, BLOCK_V)`` logit tile on chip (``tl.dot`` over ``BLOCK_H``
 slices of H), and carries an online logsumexp (running max, sum of exponentials, and the
-sum of ``exp(z - max) * z`` for the entropy) plus the target logit. The per-split partials
+sum of ``exp(z - max) * (z - max)`` for the entropy) plus the target logit. The per-split partials
 ``(S, N)`` are then merged in a fixed order, so the forward is deterministic.
 
 Backward: one program per ``(token block, vocab tile)`` recomputes its logit tile, forms
@@ -111,10 +111,14 @@ def _linear_lse_fwd_kernel(
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp(run_max - shift)
         e = tl.exp(z - shift[:, None])
-        run_sum = run_sum * rescale + tl.sum(e, 1)
         if HAS_ENTROPY:
-            # e * z would be 0 * -inf = NaN on -inf columns; they contribute 0.
-            run_pz = run_pz * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), 1)
+            # run_pz = sum e * (z - shift), kept relative to the running shift: the entropy is
+            # then log(sum) - run_pz / sum, with no cancellation of two numbers of the size of z.
+            # (z - shift) * e would be -inf * 0 = NaN on -inf columns; they contribute 0.
+            old_shift = tl.where(run_max == float("-inf"), 0.0, run_max)
+            run_pz = rescale * (run_pz + (old_shift - shift) * run_sum)
+            run_pz += tl.sum(e * tl.where(e > 0, z - shift[:, None], 0.0), 1)
+        run_sum = run_sum * rescale + tl.sum(e, 1)
         run_max = new_max
         target_logit += tl.sum(tl.where(cols64[None, :] == target[:, None], z, 0.0), 1)
 
@@ -302,7 +306,10 @@ def linear_lse_fwd(
     logps = part_target.sum(0) - lse
     entropy = None
     if compute_entropy:
-        entropy = lse - (part_pz * scale).sum(0) / total
+        # Each split's sum e * (z - shift_s), moved to the common shift.
+        split_shift = torch.where(part_max == float("-inf"), torch.zeros_like(part_max), part_max)
+        centered = (scale * (part_pz + (split_shift - shift) * part_sum)).sum(0)
+        entropy = torch.log(total) - centered / total
     return logps, lse, entropy
 
 
