@@ -4,11 +4,16 @@ Usage::
 
     python benchmarks/bench_cpu.py                     # default grid, writes benchmarks/results/cpu_grpo_loss.json
     python benchmarks/bench_cpu.py --shapes 4096x32000 --dtypes bfloat16 --repeats 3
+    python benchmarks/bench_cpu.py --hidden 1024 --shapes 2048x32000 --dtypes float32   # linear path
 
 Providers:
     eager        grpo_fused.reference.grpo_loss (TRL-style: fp32 logits, log_softmax, gather, entropy)
     cpp          grpo_fused.backends.cpp.grpo_loss (fused C++ row kernels)
     cpp_inplace  the same with inplace_backward=True (the gradient overwrites the logits)
+With --hidden H, the linear path instead (gradients of hidden and weight), written to
+cpu_linear_grpo_loss.json:
+    eager_linear grpo_fused.reference.linear_grpo_loss (materializes the fp32 logits)
+    cpp_linear   grpo_fused.backends.cpp.linear_grpo_loss (256 MiB chunks of fp32 logits)
 
 Each (provider, shape, dtype) runs in a fresh subprocess so that its memory peak is its own.
 Peak memory is the process's resident-set high-water mark (Linux VmHWM, reset through
@@ -20,6 +25,8 @@ CPU time (all threads) of the same calls is stored too, as it suffers less from 
 Bytes the fused path must move (the floor it is compared with), per fwd+bwd:
     forward reads the logits once (N*V*s bytes, s = element size), backward reads them once and
     writes the gradient once (2*N*V*s): 3*N*V*s in all; the O(N) tensors are negligible.
+FLOPs of the linear path, per fwd+bwd: the logits GEMM twice (forward, and recomputed in the
+backward) plus the dhidden and dweight GEMMs: 4 * 2*N*V*H.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import time
 
 DEFAULT_SHAPES = ("4096x32000", "2048x151936")
 PROVIDERS = ("eager", "cpp", "cpp_inplace")
+LINEAR_PROVIDERS = ("eager_linear", "cpp_linear")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,7 +61,7 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, repeats: int, threads: int) -> dict:
+def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, repeats: int, threads: int, hidden: int) -> dict:
     """Runs in the child process: builds inputs, warms up, measures; returns one result row."""
     import torch
 
@@ -79,12 +87,22 @@ def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, repeats: in
     # torch.autograd.grad rather than .backward(): a leaf's AccumulateGrad would copy the
     # in-place gradient (it aliases the saved logits); in training the logits' gradient goes on
     # to the lm_head GEMM and is freed, which is what returning it here models.
-    if provider == "eager":
+    if provider.startswith("cpp"):
+        assert cpp.availability(torch.device("cpu")) is None, cpp.availability(torch.device("cpu"))
+    if hidden:
+        del logits
+        states = (torch.randn(batch, seq, hidden, generator=g)).to(dtype).requires_grad_()
+        weight = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_()
+        linear = ref.linear_grpo_loss if provider == "eager_linear" else cpp.linear_grpo_loss
+
+        def step():
+            out = linear(states, weight, ids, adv, mask, old, ref_logps, config=config)
+            return torch.autograd.grad(out.loss, (states, weight))[0]
+    elif provider == "eager":
         def step():
             out = ref.grpo_loss(logits, ids, adv, mask, old, ref_logps, config=config)
             return torch.autograd.grad(out.loss, logits)[0]
     else:
-        assert cpp.availability(torch.device("cpu")) is None, cpp.availability(torch.device("cpu"))
         inplace = provider == "cpp_inplace"
 
         def step():
@@ -107,6 +125,10 @@ def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, repeats: in
     element = torch.empty(0, dtype=dtype).element_size()
     floor_bytes = 3 * tokens * vocab * element
     median = statistics.median(times)
+    extra = {}
+    if hidden:
+        flops = 4 * 2 * tokens * vocab * hidden
+        extra = dict(hidden=hidden, flops=flops, achieved_gflop_per_s=flops / median / 1e9)
     return dict(
         provider=provider,
         tokens=tokens,
@@ -123,6 +145,7 @@ def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, repeats: in
         logits_bytes=tokens * vocab * element,
         floor_bytes=floor_bytes,
         achieved_gb_per_s=floor_bytes / median / 1e9,
+        **extra,
     )
 
 
@@ -155,16 +178,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="NxV token x vocab sizes")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + LINEAR_PROVIDERS)
+    parser.add_argument("--hidden", type=int, default=0, help="H > 0 benchmarks the linear path")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_grpo_loss.json"))
+    parser.add_argument("--out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.providers is None:
+        args.providers = list(LINEAR_PROVIDERS if args.hidden else PROVIDERS)
+    if args.out is None:
+        name = "cpu_linear_grpo_loss.json" if args.hidden else "cpu_grpo_loss.json"
+        args.out = os.path.join(ROOT, "benchmarks", "results", name)
 
     if args.child:
         provider, tokens, vocab, dtype = args.child.split(",")
-        row = run_one(provider, int(tokens), int(vocab), dtype, args.repeats, args.threads)
+        row = run_one(provider, int(tokens), int(vocab), dtype, args.repeats, args.threads, args.hidden)
         print("RESULT " + json.dumps(row))
         return
 
@@ -174,7 +203,7 @@ def main(argv=None) -> None:
         for dtype in args.dtypes:
             for provider in args.providers:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{provider},{tokens},{vocab},{dtype}",
-                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                       "--repeats", str(args.repeats), "--threads", str(args.threads), "--hidden", str(args.hidden)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode != 0 or not lines:
@@ -184,19 +213,21 @@ def main(argv=None) -> None:
                 results.append(row)
                 print(f"{provider:12s} N={tokens:6d} V={vocab:6d} {dtype:9s} median {row['median_s'] * 1e3:9.1f} ms "
                       f"(cpu {row['median_cpu_s'] * 1e3:9.1f} ms)  "
-                      f"peak extra {row['peak_extra_bytes'] / 2**20:8.0f} MiB  ({row['achieved_gb_per_s']:.1f} GB/s "
-                      f"of the 3*N*V*s floor)", flush=True)
+                      f"peak extra {row['peak_extra_bytes'] / 2**20:8.0f} MiB  " + (
+                          f"({row['achieved_gflop_per_s']:.1f} GFLOP/s)" if args.hidden else
+                          f"({row['achieved_gb_per_s']:.1f} GB/s of the 3*N*V*s floor)"), flush=True)
 
     summary = []
     for shape in args.shapes:
         tokens, vocab = (int(x) for x in shape.lower().split("x"))
         for dtype in args.dtypes:
             rows = {r["provider"]: r for r in results if (r["tokens"], r["vocab"], r["dtype"]) == (tokens, vocab, dtype)}
-            if "eager" not in rows:
+            baseline = "eager_linear" if args.hidden else "eager"
+            if baseline not in rows:
                 continue
-            for provider in ("cpp", "cpp_inplace"):
+            for provider in ("cpp", "cpp_inplace", "cpp_linear"):
                 if provider in rows:
-                    e, c = rows["eager"], rows[provider]
+                    e, c = rows[baseline], rows[provider]
                     summary.append(dict(
                         provider=provider, tokens=tokens, vocab=vocab, dtype=dtype,
                         speedup_vs_eager=e["median_s"] / c["median_s"],
