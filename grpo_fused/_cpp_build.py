@@ -65,7 +65,10 @@ def _jit_build() -> None:
     if not srcs:
         raise RuntimeError(f"no C++ sources found under {CSRC_DIR} (an installed wheel without csrc/)")
     cflags = compile_flags(native=True)
-    name = "grpo_fused_cpp" + ("_avx2" if "-mavx2" in cflags else "")
+    # torch's cache key covers sources and flags, not the torch version: a library built against
+    # another torch in the same cache directory would fail to load, so the version is in the name.
+    torch_tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    name = "grpo_fused_cpp" + ("_avx2" if "-mavx2" in cflags else "") + "_torch" + torch_tag
     _log.info("grpo_fused: building the C++ extension %s (once; cached by torch.utils.cpp_extension)", name)
     cpp_extension.load(
         name=name,
