@@ -50,8 +50,11 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level folder kernels/ but install as grpo_fused.kernels:
     # a top-level import package named `kernels` would shadow Hugging Face's `kernels`.
-    packages=["grpo_fused", "grpo_fused.backends", "grpo_fused.integrations", "grpo_fused.kernels"],
-    package_dir={"grpo_fused.kernels": "kernels"},
+    # csrc/ ships as package data too, so that an installed wheel can build the C++
+    # extension just in time when it was not compiled at install.
+    packages=["grpo_fused", "grpo_fused.backends", "grpo_fused.integrations", "grpo_fused.kernels", "grpo_fused.csrc"],
+    package_dir={"grpo_fused.kernels": "kernels", "grpo_fused.csrc": "csrc"},
+    package_data={"grpo_fused.csrc": ["*.cpp", "*.h", "README.md"]},
     install_requires=["torch>=2.5", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.2"],

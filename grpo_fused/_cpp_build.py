@@ -26,7 +26,14 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state = {"loaded": False, "reason": None}
 
-CSRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# An installed wheel ships the sources as package data (grpo_fused/csrc); a checkout has them
+# at the top level (csrc/), which is also where an editable install finds them.
+CSRC_DIR = next(
+    (d for d in (os.path.join(_PACKAGE_DIR, "csrc"), os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc"))
+     if os.path.isdir(d)),
+    os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc"),
+)
 
 
 def _cpu_flags() -> List[str]:

@@ -20,6 +20,8 @@ import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 _warned = set()
+_chosen = {}  # (op, backend, device type) -> backend name
+_loaded = {}  # backend name -> module
 
 
 def _module(name: str):
@@ -41,24 +43,42 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of ``op`` for ``backend`` on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = _choose(op, backend, device.type)
+    return getattr(_loaded[chosen], op)
+
+
+# The choice is a pure function of (op, backend, device type). torch.compile takes it as a
+# constant computed once at trace time: tracing the imports, the build and the warning would
+# break the graph. It leaves the chosen module in _loaded, where the trace then reads it.
+@torch.compiler.assume_constant_result
+def _choose(op: str, backend: str, device_type: str) -> str:
+    key = (op, backend, device_type)
+    if key not in _chosen:
+        _chosen[key] = _resolve(op, backend, torch.device(device_type))
+    _loaded.setdefault(_chosen[key], _module(_chosen[key]))
+    return _chosen[key]
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> str:
     if backend == "reference":
-        return getattr(_module("reference"), op)
+        return "reference"
     if backend != "auto":
         reason = _unavailable_reason(backend, op, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {op} on {device.type} tensors: {reason}")
-        return getattr(_module(backend), op)
+        return backend
     preferred = "triton" if device.type == "cuda" else "cpp"
     reason = _unavailable_reason(preferred, op, device)
     if reason is None:
-        return getattr(_module(preferred), op)
-    key = (preferred, op)
+        return preferred
+    # One warning per backend and device type, not per op: a failed build is one event.
+    key = (preferred, device.type)
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
             f"grpo_fused: the {preferred} backend cannot run {op} on {device.type} tensors ({reason}); "
-            "using the eager reference instead.",
+            "using the eager reference instead (warned once).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
-    return getattr(_module("reference"), op)
+    return "reference"

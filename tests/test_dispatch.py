@@ -11,6 +11,13 @@ import grpo_fused as gf
 from grpo_fused import _dispatch, reference
 
 
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    # Choices are cached per (op, backend, device type); stubs must not leak into other tests.
+    monkeypatch.setattr(_dispatch, "_chosen", {})
+    monkeypatch.setattr(_dispatch, "_loaded", {})
+
+
 @pytest.fixture
 def unbuilt_cpp(monkeypatch):
     real = _dispatch._module
@@ -63,3 +70,31 @@ def test_missing_op_is_reported(monkeypatch):
     logits, ids, adv = _args()
     with pytest.raises(RuntimeError, match="does not implement grpo_loss yet"):
         gf.grpo_loss(logits, ids, adv, backend="cpp")
+
+
+def test_warns_once_per_backend_not_per_op(unbuilt_cpp):
+    logits, ids, adv = _args()
+    with pytest.warns(RuntimeWarning) as record:
+        gf.grpo_loss(logits, ids, adv)
+        gf.selective_log_softmax(logits, ids)
+        gf.group_advantages(adv, 2)
+    assert len([w for w in record if "grpo_fused" in str(w.message)]) == 1
+
+
+def test_compile_fullgraph_through_the_public_api():
+    # The backend choice is a trace-time constant: no graph break on imports or warnings.
+    logits, ids, adv = _args()
+    cfg = gf.GRPOConfig(loss_type="grpo", beta=0.0)
+
+    def step(z, a):
+        return gf.grpo_loss(z, ids, a, config=cfg).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z = logits.clone().requires_grad_(True)
+    loss = compiled(z, adv)
+    loss.backward()
+    z_ref = logits.clone().requires_grad_(True)
+    expected = reference.grpo_loss(z_ref, ids, adv, config=cfg).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-5, atol=1e-6)
