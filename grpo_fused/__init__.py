@@ -16,6 +16,7 @@ from .api import (
     linear_log_softmax,
     selective_log_softmax,
 )
+from . import distributed
 from .config import GRPOConfig
 from .modules import GRPOLoss, LinearGRPOLoss
 from .reference import GroupStats, GRPOOutput
@@ -28,6 +29,7 @@ __all__ = [
     "GRPOOutput",
     "GroupStats",
     "LinearGRPOLoss",
+    "distributed",
     "group_advantages",
     "grpo_loss",
     "linear_grpo_loss",

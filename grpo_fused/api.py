@@ -108,6 +108,8 @@ def linear_grpo_loss(
     num_items_in_batch=None,
     global_batch_size=None,
     strategy: str = "auto",
+    chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
     backend: str = "auto",
 ) -> GRPOOutput:
     """GRPO-family loss straight from hidden states: ``logits = hidden @ weight.T + bias``.
@@ -116,7 +118,11 @@ def linear_grpo_loss(
         hidden: ``(B, T, H)`` last hidden states of the completion positions.
         weight: ``(V, H)`` lm_head weight. bias: ``(V,)`` or None.
         strategy: ``"chunked"`` (GEMM per token chunk), ``"tiled"`` (logit tiles on chip) or
-            ``"auto"``; only the fused backends use it (the reference materializes the logits).
+            ``"auto"`` (= chunked); only the fused backends use it (the reference materializes
+            the logits).
+        chunk_size: chunked strategy: tokens per chunk; None picks it from the shapes.
+        filter_eps: tiled strategy: skip backward tiles whose probabilities are all below it
+            and hold no target (an approximation; None, the default, is exact).
 
     The other arguments and the return value are those of :func:`grpo_loss`.
     """
@@ -153,6 +159,7 @@ def linear_grpo_loss(
         num_items_in_batch=num_items_in_batch,
         global_batch_size=global_batch_size,
         strategy=strategy,
+        **_linear_options(strategy, chunk_size, filter_eps),
     )
 
 
@@ -195,12 +202,15 @@ def linear_log_softmax(
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
     strategy: str = "auto",
+    chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
     backend: str = "auto",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`selective_log_softmax` of ``hidden @ weight.T + bias`` without materializing logits.
 
     Args:
         hidden: ``(..., H)``. weight: ``(V, H)``. ids: ``(...)``. bias: ``(V,)`` or None.
+        strategy, chunk_size, filter_eps: as :func:`linear_grpo_loss`.
     """
     v.check_tensor("hidden", hidden, kind="float")
     if hidden.dim() < 1:
@@ -214,7 +224,10 @@ def linear_log_softmax(
     v.check_ids_in_range("ids", ids, weight.shape[0])
     _check_strategy(strategy)
     impl = _dispatch.resolve("linear_log_softmax", backend, hidden.device)
-    return impl(hidden, weight, ids, temperature, bias=bias, compute_entropy=compute_entropy, strategy=strategy)
+    return impl(
+        hidden, weight, ids, temperature, bias=bias, compute_entropy=compute_entropy, strategy=strategy,
+        **_linear_options(strategy, chunk_size, filter_eps),
+    )
 
 
 def group_advantages(
@@ -299,6 +312,24 @@ def group_advantages(
         unbiased=unbiased,
         eps=eps,
     )
+
+
+def _linear_options(strategy, chunk_size, filter_eps) -> dict:
+    """The strategy knobs that were set (only those reach the backend)."""
+    options = {}
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if strategy == "tiled":
+            raise ValueError("chunk_size applies to strategy='chunked' (or 'auto'), not 'tiled'")
+        options["chunk_size"] = chunk_size
+    if filter_eps is not None:
+        if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not 0 < filter_eps < 1:
+            raise ValueError(f"filter_eps must be a number in (0, 1), got {filter_eps!r}")
+        if strategy != "tiled":
+            raise ValueError("filter_eps (gradient filtering) applies to strategy='tiled' only")
+        options["filter_eps"] = float(filter_eps)
+    return options
 
 
 def _check_strategy(strategy):

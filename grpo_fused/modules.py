@@ -44,11 +44,20 @@ class LinearGRPOLoss(torch.nn.Module):
     ``forward`` takes the arguments of :func:`grpo_fused.linear_grpo_loss`.
     """
 
-    def __init__(self, config: Optional[GRPOConfig] = None, strategy: str = "auto", backend: str = "auto"):
+    def __init__(
+        self,
+        config: Optional[GRPOConfig] = None,
+        strategy: str = "auto",
+        backend: str = "auto",
+        chunk_size: Optional[int] = None,
+        filter_eps: Optional[float] = None,
+    ):
         super().__init__()
         self.config = GRPOConfig() if config is None else config
         self.strategy = strategy
         self.backend = backend
+        self.chunk_size = chunk_size
+        self.filter_eps = filter_eps
 
     def forward(
         self, hidden, weight, completion_ids, advantages, completion_mask=None, old_logps=None, ref_logps=None,
@@ -57,7 +66,8 @@ class LinearGRPOLoss(torch.nn.Module):
         return api.linear_grpo_loss(
             hidden, weight, completion_ids, advantages, completion_mask, old_logps, ref_logps,
             bias=bias, config=self.config, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-            global_batch_size=global_batch_size, strategy=self.strategy, backend=self.backend,
+            global_batch_size=global_batch_size, strategy=self.strategy, chunk_size=self.chunk_size,
+            filter_eps=self.filter_eps, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

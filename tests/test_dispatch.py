@@ -98,3 +98,38 @@ def test_compile_fullgraph_through_the_public_api():
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_linear_strategy_options_reach_the_fused_backend(backend):
+    from grpo_fused._dispatch import _unavailable_reason
+
+    reason = _unavailable_reason(backend, "linear_grpo_loss", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable here: {reason}")
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 5, 16, generator=g)
+    weight = torch.randn(33, 16, generator=g)
+    ids = torch.randint(0, 33, (2, 5), generator=g)
+    adv = torch.randn(2, generator=g)
+    cfg = gf.GRPOConfig(loss_type="bnpo", beta=0.0)
+    expected = reference.linear_grpo_loss(hidden, weight, ids, adv, config=cfg)
+    # chunk_size=3 splits the 10 tokens into ragged chunks.
+    out = gf.linear_grpo_loss(hidden, weight, ids, adv, config=cfg, strategy="chunked", chunk_size=3, backend=backend)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_strategy_options_are_checked():
+    hidden, weight = torch.randn(1, 2, 4), torch.randn(5, 4)
+    ids, adv = torch.zeros(1, 2, dtype=torch.long), torch.ones(1)
+    cases = [
+        (dict(filter_eps=1e-3), "filter_eps (gradient filtering) applies to strategy='tiled' only"),
+        (dict(strategy="tiled", chunk_size=4), "chunk_size applies to strategy='chunked'"),
+        (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(strategy="tiled", filter_eps=2.0), "filter_eps must be a number in (0, 1)"),
+        (dict(chunk_size=4, backend="reference"), "chunk_size tunes a fused backend"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as info:
+            gf.linear_grpo_loss(hidden, weight, ids, adv, **kwargs)
+        assert message in str(info.value)

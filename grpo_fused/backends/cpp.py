@@ -285,10 +285,13 @@ def linear_log_softmax(
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
     strategy: str = "auto",
+    *,
+    chunk_size: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """See :func:`grpo_fused.reference.linear_log_softmax`; never holds more than one chunk of logits.
 
     ``strategy``: ``"auto"`` or ``"chunked"`` (the same here); ``"tiled"`` is a Triton-only strategy.
+    ``chunk_size``: tokens per GEMM chunk; None sizes it to ``LINEAR_CHUNK_BYTES`` of fp32 logits.
     """
     _check_strategy(strategy)
     out_shape = ids.shape
@@ -301,7 +304,7 @@ def linear_log_softmax(
         flat_ids,
         1.0 / float(temperature),
         compute_entropy,
-        _chunk_rows(flat_hidden.shape[0], weight.shape[0]),
+        chunk_size or _chunk_rows(flat_hidden.shape[0], weight.shape[0]),
     )
     return logps.view(out_shape), (entropy.view(out_shape) if compute_entropy else None)
 
@@ -370,6 +373,8 @@ def linear_grpo_loss(
     num_items_in_batch=None,
     global_batch_size=None,
     strategy: str = "auto",
+    *,
+    chunk_size: Optional[int] = None,
 ) -> GRPOOutput:
     """See :func:`grpo_fused.reference.linear_grpo_loss`; hidden ``(B, T, H)``, weight ``(V, H)`` on CPU.
 
@@ -377,7 +382,8 @@ def linear_grpo_loss(
     per chunk) and never exist whole. ``strategy``: ``"auto"`` or ``"chunked"``.
     """
     logps, entropy = linear_log_softmax(
-        hidden, weight, completion_ids, config.temperature, bias, config.compute_entropy, strategy
+        hidden, weight, completion_ids, config.temperature, bias, config.compute_entropy, strategy,
+        chunk_size=chunk_size,
     )
     return _loss_from_logps(
         logps, entropy, hidden.device, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,

@@ -14,11 +14,19 @@ def availability(device):
 
 def linear_grpo_loss(*args, strategy="auto", **kwargs):
     # The reference always materializes the logits; ``strategy`` picks among fused kernels only.
+    _no_fused_options(kwargs)
     return _ref.linear_grpo_loss(*args, **kwargs)
 
 
 def linear_log_softmax(*args, strategy="auto", **kwargs):
+    _no_fused_options(kwargs)
     return _ref.linear_log_softmax(*args, **kwargs)
+
+
+def _no_fused_options(kwargs):
+    for name in ("chunk_size", "filter_eps"):
+        if kwargs.pop(name, None) is not None:
+            raise ValueError(f"{name} tunes a fused backend; the reference materializes the logits whole")
 
 
 def grpo_loss(*args, inplace_backward=False, **kwargs):
