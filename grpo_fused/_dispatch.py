@@ -47,10 +47,17 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     return getattr(_loaded[chosen], op)
 
 
+def _trace_constant(fn):
+    # What torch.compiler.assume_constant_result does (torch 2.5 to 2.13), without importing
+    # torch._dynamo at package import (2.5 s); tests/test_dispatch.py compiles through it.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # The choice is a pure function of (op, backend, device type). torch.compile takes it as a
 # constant computed once at trace time: tracing the imports, the build and the warning would
 # break the graph. It leaves the chosen module in _loaded, where the trace then reads it.
-@torch.compiler.assume_constant_result
+@_trace_constant
 def _choose(op: str, backend: str, device_type: str) -> str:
     key = (op, backend, device_type)
     if key not in _chosen:
