@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from . import _validation as v
 from .config import GRPOConfig
-from .reference import GRPOOutput, compute_dtype, grpo_loss_from_logps
+from .reference import GRPOOutput, compute_dtype, grpo_output_from_logps
 
 Tensor = torch.Tensor
 
@@ -839,22 +839,10 @@ def vocab_parallel_linear_log_softmax(
 def _loss_from_logps(logps, entropy, dtype, completion_ids, advantages, completion_mask, old_logps, ref_logps,
                      config, is_weights, num_items_in_batch, global_batch_size) -> GRPOOutput:
     # The (B, T) tail of reference.grpo_loss, on the log-probs every rank now holds.
-    B, T = completion_ids.shape
-    mask = (torch.ones(B, T, dtype=dtype, device=logps.device) if completion_mask is None
-            else completion_mask.to(dtype))
-    loss, metrics = grpo_loss_from_logps(
-        logps,
-        advantages.to(dtype),
-        mask,
-        None if old_logps is None else old_logps.to(dtype),
-        None if ref_logps is None else ref_logps.to(dtype),
-        config,
-        entropy=entropy,
-        is_weights=None if is_weights is None else is_weights.to(dtype),
-        num_items_in_batch=num_items_in_batch,
-        global_batch_size=global_batch_size,
+    return grpo_output_from_logps(
+        logps.to(dtype), None if entropy is None else entropy.to(dtype), completion_ids, advantages,
+        completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch, global_batch_size,
     )
-    return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
 
 
 def vocab_parallel_grpo_loss(

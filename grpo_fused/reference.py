@@ -382,10 +382,32 @@ def grpo_loss(
     global_batch_size=None,
 ) -> GRPOOutput:
     """The GRPO-family loss from logits ``(B, T, V)``: materializes fp32 logits, like TRL."""
-    B, T = completion_ids.shape
-    dtype = compute_dtype(logits.dtype)
-    mask = torch.ones(B, T, dtype=dtype, device=logits.device) if completion_mask is None else completion_mask.to(dtype)
     logps, entropy = selective_log_softmax(logits, completion_ids, config.temperature, config.compute_entropy)
+    return grpo_output_from_logps(
+        logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
+        is_weights, num_items_in_batch, global_batch_size,
+    )
+
+
+def grpo_output_from_logps(
+    logps: Tensor,
+    entropy: Optional[Tensor],
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Optional[Tensor] = None,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    config: GRPOConfig = GRPOConfig(),
+    is_weights: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    global_batch_size=None,
+) -> GRPOOutput:
+    """The ``(B, T)`` part every path shares once the vocab pass has produced ``logps`` (and
+    ``entropy``): cast the per-token inputs to the log-probs' dtype, build the mask, run
+    :func:`grpo_loss_from_logps`, and package a :class:`GRPOOutput`."""
+    dtype = logps.dtype
+    B, T = completion_ids.shape
+    mask = torch.ones(B, T, dtype=dtype, device=logps.device) if completion_mask is None else completion_mask.to(dtype)
     loss, metrics = grpo_loss_from_logps(
         logps,
         advantages.to(dtype),

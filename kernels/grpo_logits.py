@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from grpo_fused.config import GRPOConfig
-from grpo_fused.reference import GRPOOutput, grpo_loss_from_logps
+from grpo_fused.reference import GRPOOutput, grpo_output_from_logps
 from grpo_fused.reference import _extreme, _has_tokens, _sequence_fraction
 
 from .selective_log_softmax import (
@@ -600,19 +600,10 @@ def grpo_loss(
         logps, entropy = SelectiveLogSoftmax.apply(
             logits, completion_ids, float(config.temperature), bool(config.compute_entropy), bool(inplace_backward)
         )
-        loss, metrics = grpo_loss_from_logps(
-            logps,
-            advantages.to(acc),
-            mask,
-            None if old_logps is None else old_logps.to(acc),
-            None if ref_logps is None else ref_logps.to(acc),
-            config,
-            entropy=entropy,
-            is_weights=None if is_weights is None else is_weights.to(acc),
-            num_items_in_batch=num_items_in_batch,
-            global_batch_size=global_batch_size,
+        return grpo_output_from_logps(
+            logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
+            is_weights, num_items_in_batch, global_batch_size,
         )
-        return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
 
     if config.beta != 0.0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta != 0")

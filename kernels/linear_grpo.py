@@ -3,7 +3,7 @@
 ``linear_log_softmax`` runs one of two strategies (see :mod:`.linear_chunked` and
 :mod:`.linear_tiled`) to get the per-token ``(logps, entropy)`` without the ``(N, V)``
 logits ever existing in full; ``linear_grpo_loss`` puts
-:func:`grpo_fused.reference.grpo_loss_from_logps` on top of them. That part is O(B*T)
+:func:`grpo_fused.reference.grpo_output_from_logps` on top of them. That part is O(B*T)
 work on ``(B, T)`` tensors, so every surrogate, importance-sampling level (sequence-level
 GSPO / GMPO included), KL estimator, entropy bonus and metric of the reference comes for
 free, with the same numbers, and autograd carries its gradient into the vocab pass.
@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from grpo_fused.config import GRPOConfig
-from grpo_fused.reference import GRPOOutput, compute_dtype, grpo_loss_from_logps
+from grpo_fused.reference import GRPOOutput, compute_dtype, grpo_output_from_logps
 
 from .linear_chunked import linear_log_softmax_chunked
 from .linear_tiled import linear_log_softmax_tiled
@@ -101,28 +101,12 @@ def linear_grpo_loss(
         :class:`GRPOOutput` equal to :func:`grpo_fused.reference.linear_grpo_loss`'s (same
         loss, logps, entropy and metrics); the loss backpropagates into hidden, weight, bias.
     """
-    B, T = completion_ids.shape
     dtype = compute_dtype(hidden.dtype)
-    if completion_mask is None:
-        mask = torch.ones(B, T, dtype=dtype, device=hidden.device)
-    else:
-        mask = completion_mask.to(dtype)
     logps, entropy = linear_log_softmax(
         hidden, weight, completion_ids, config.temperature, bias, config.compute_entropy, strategy,
         filter_eps=filter_eps, chunk_size=chunk_size, vocab_slice=vocab_slice,
     )
-    logps = logps.to(dtype)
-    entropy = None if entropy is None else entropy.to(dtype)
-    loss, metrics = grpo_loss_from_logps(
-        logps,
-        advantages.to(dtype),
-        mask,
-        None if old_logps is None else old_logps.to(dtype),
-        None if ref_logps is None else ref_logps.to(dtype),
-        config,
-        entropy=entropy,
-        is_weights=None if is_weights is None else is_weights.to(dtype),
-        num_items_in_batch=num_items_in_batch,
-        global_batch_size=global_batch_size,
+    return grpo_output_from_logps(
+        logps.to(dtype), None if entropy is None else entropy.to(dtype), completion_ids, advantages,
+        completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch, global_batch_size,
     )
-    return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)

@@ -311,25 +311,10 @@ def linear_log_softmax(
 
 def _loss_from_logps(logps, entropy, device, completion_ids, advantages, completion_mask, old_logps, ref_logps,
                      config, is_weights, num_items_in_batch, global_batch_size, dtype) -> GRPOOutput:
-    # Mirrors grpo_fused.reference.grpo_loss after its selective_log_softmax call.
-    B, T = completion_ids.shape
-    if completion_mask is None:
-        mask = torch.ones(B, T, dtype=dtype, device=device)
-    else:
-        mask = completion_mask.to(dtype)
-    loss, metrics = _ref.grpo_loss_from_logps(
-        logps,
-        advantages.to(dtype),
-        mask,
-        None if old_logps is None else old_logps.to(dtype),
-        None if ref_logps is None else ref_logps.to(dtype),
-        config,
-        entropy=entropy,
-        is_weights=None if is_weights is None else is_weights.to(dtype),
-        num_items_in_batch=num_items_in_batch,
-        global_batch_size=global_batch_size,
+    return _ref.grpo_output_from_logps(
+        logps.to(dtype), None if entropy is None else entropy.to(dtype), completion_ids, advantages,
+        completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch, global_batch_size,
     )
-    return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
 
 
 def grpo_loss(
