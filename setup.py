@@ -58,8 +58,11 @@ setup(
     install_requires=["torch>=2.5", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "trl==1.16.0", "triton>=3.2"],
+        # The suite runs every optional part: TRL parity, the Triton interpreter, the CLI's
+        # plots and tables, and the trainer (transformers comes with TRL).
+        "test": ["pytest>=8", "trl==1.16.0", "triton>=3.2", "matplotlib", "rich", "tqdm"],
         "bench": ["rich", "tqdm", "matplotlib", "pytest-benchmark"],
+        "train": ["transformers", "matplotlib", "tqdm"],
         "trl": ["trl>=1.16.0"],
     },
     entry_points={"console_scripts": ["grpo-fused=grpo_fused.cli:main"]},
