@@ -17,9 +17,10 @@ variant that reads a deliberately misaligned slice.
 
 The variants cover, per kernel: bf16, fp16, fp32 and fp64 inputs, every ``HAS_*`` / ``NEED_*``
 / boolean constexpr on and off, every surrogate / KL / scale code, and the default block sizes
-(a vocab of 32001 for the 2048-wide tile, the tiled linear path's GPU ``TiledConfig()``,
-group tiles of ``TILE_ELEMENTS``) -- a covering subset, not the full product, so that the file
-compiles ~30 kernels in about a minute on two cores.
+(vocabs of 32000 and 32001 for the 2048-wide tile, the tiled linear path's GPU ``TiledConfig()``,
+group tiles of ``TILE_ELEMENTS``) -- a covering subset, not the full product: 29 compiles, about
+40 s on two cores. Where the logits rows are 16-byte aligned, the streaming kernels' PTX must
+also read them with 16-byte vector loads.
 
 Run directly (``python tests/test_triton_compile_sm90.py OUT.json``) it is the child.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,12 +47,14 @@ CHILD_TIMEOUT_S = 600
 # Variants: each calls launchers; every kernel launch it makes is compiled.
 # --------------------------------------------------------------------------------------
 
-# A vocab wider than 2048 so the launchers pick their default 2048-column tile (and odd, so
-# the last tile is ragged; not that compile cares, but the shapes stay honest).
-VOCAB = 32001
+# Vocabs wider than 2048 so the launchers pick their default 2048-column tile. A multiple of 16
+# (as real vocabs are padded) makes every row start 16-byte aligned, which is what lets the
+# compiler vectorize the row loads; an odd one is the ragged, unvectorized case.
+VOCAB_ALIGNED = 32000
+VOCAB_RAGGED = 32001
 
 
-def _vocab_pass(dtype_name: str, entropy: bool, dentropy: bool, misaligned: bool = False):
+def _vocab_pass(dtype_name: str, entropy: bool, dentropy: bool, vocab: int = VOCAB_RAGGED, misaligned: bool = False):
     def run(m):
         import torch
 
@@ -58,8 +62,10 @@ def _vocab_pass(dtype_name: str, entropy: bool, dentropy: bool, misaligned: bool
         dtype = getattr(torch, dtype_name)
         B, T = 2, 5
         # (B, T + 1, V) sliced to (B, T, V): the batch stride is not T * V, as in logits[:, :-1].
-        logits = torch.zeros(B, T + 1, VOCAB + 1, dtype=dtype)[:, :-1]
-        logits = logits[..., 1:] if misaligned else logits[..., :-1]
+        logits = torch.zeros(B, T + 1, vocab, dtype=dtype)[:, :-1]
+        if misaligned:
+            # Rows of V - 1 starting one element into the buffer: no 16-byte alignment anywhere.
+            logits = logits[..., 1:]
         ids = torch.zeros(B, T, dtype=torch.int64 if not misaligned else torch.int32)
         logps, lse, ent = S.vocab_fwd(logits, ids, 0.7, entropy)
         if dentropy and ent is None:
@@ -70,7 +76,7 @@ def _vocab_pass(dtype_name: str, entropy: bool, dentropy: bool, misaligned: bool
     return run
 
 
-def _grpo_pass(dtype_name: str, with_old: bool, with_ref: bool, with_is: bool, **config):
+def _grpo_pass(dtype_name: str, with_old: bool, with_ref: bool, with_is: bool, vocab: int = VOCAB_RAGGED, **config):
     def run(m):
         import torch
 
@@ -80,7 +86,7 @@ def _grpo_pass(dtype_name: str, with_old: bool, with_ref: bool, with_is: bool, *
         dtype = getattr(torch, dtype_name)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         N = 7
-        logits = torch.zeros(N, VOCAB, dtype=dtype)
+        logits = torch.zeros(N, vocab, dtype=dtype)
         ids = torch.zeros(N, dtype=torch.int64)
         cfg = GRPOConfig(**config)
         per_token = torch.zeros(N, dtype=acc)
@@ -147,7 +153,7 @@ def _groups_pass(dtype_name: str, k: int, how: str, group_size: int, scale: str,
 
 VARIANTS: Dict[str, Callable] = {
     # selective_log_softmax: forward (COMPUTE_ENTROPY) and backward (HAS_DENTROPY) kernels.
-    "vocab-bf16-entropy": _vocab_pass("bfloat16", entropy=True, dentropy=True),
+    "vocab-bf16-entropy": _vocab_pass("bfloat16", entropy=True, dentropy=True, vocab=VOCAB_ALIGNED),
     "vocab-fp16": _vocab_pass("float16", entropy=False, dentropy=False),
     "vocab-fp32-entropy-fwd-only": _vocab_pass("float32", entropy=True, dentropy=False),
     "vocab-fp64-dentropy": _vocab_pass("float64", entropy=False, dentropy=True),
@@ -155,8 +161,8 @@ VARIANTS: Dict[str, Callable] = {
     "vocab-bf16-misaligned": _vocab_pass("bfloat16", entropy=True, dentropy=True, misaligned=True),
     # grpo_logits: every LOSS and KL code, every flag both ways.
     "grpo-bf16-delta-k3-is-bonus": _grpo_pass(
-        "bfloat16", True, True, True, loss_type="grpo", delta=1.5, beta=0.04, kl_estimator="k3",
-        entropy_coef=0.01),
+        "bfloat16", True, True, True, vocab=VOCAB_ALIGNED, loss_type="grpo", delta=1.5, beta=0.04,
+        kl_estimator="k3", entropy_coef=0.01),
     "dapo-fp16-dualclip-nokl": _grpo_pass(
         "float16", False, False, False, loss_type="dapo", clip_ratio_c=3.0, compute_entropy=False),
     "cispo-fp32-twosided-lowvar": _grpo_pass(
@@ -297,6 +303,7 @@ def child_main(out_path: str) -> None:
                 # (n_regs / n_spills are filled in only when a GPU loads the binary; ptxas prints
                 # them with TRITON_DUMP_PTXAS_LOG=1.)
                 row.update(ok=len(cubin) > 0, cubin_bytes=len(cubin), shared=compiled.metadata.shared)
+                row["wide_loads"] = len(re.findall(r"ld\.global[\w.]*\.v4\.b32", compiled.asm.get("ptx", "")))
                 if not cubin:
                     row["error"] = "no cubin produced"
             except Exception as e:  # the compiler's message is the point of the test
@@ -415,6 +422,24 @@ def test_variants_cover_dtypes_flags_and_default_blocks(compile_report, kernel):
     for arg, wanted in EXPECTED_COVERAGE[kernel].items():
         missing = wanted - _seen(compile_report, kernel, arg)
         assert not missing, f"{kernel}: {arg} never compiled with {sorted(missing)}"
+
+
+# Variants whose logits rows are 16-byte aligned (V % 16 == 0, aligned base and strides): the
+# streaming kernels must read them with 16-byte vector loads. A change to the row addressing
+# that hides the alignment from the compiler would cut the bandwidth of a memory-bound kernel
+# and still pass every numerical test.
+VECTORIZED = {
+    "vocab-bf16-entropy": ("_selective_log_softmax_fwd_kernel", "_selective_log_softmax_bwd_kernel"),
+    "grpo-bf16-delta-k3-is-bonus": ("_grpo_logits_fwd_kernel",),
+}
+
+
+@pytest.mark.parametrize("variant", list(VECTORIZED))
+def test_aligned_rows_are_read_with_16_byte_loads(compile_report, variant):
+    rows = {r["kernel"]: r for r in compile_report["results"] if r["variant"] == variant and r.get("ok")}
+    for kernel in VECTORIZED[variant]:
+        assert kernel in rows, f"{variant}: {kernel} not compiled"
+        assert rows[kernel]["wide_loads"] > 0, f"{variant}: {kernel} reads its rows without 16-byte loads"
 
 
 if __name__ == "__main__":
