@@ -309,7 +309,7 @@ def linear_log_softmax(
     return logps.view(out_shape), (entropy.view(out_shape) if compute_entropy else None)
 
 
-def _loss_from_logps(logps, entropy, device, completion_ids, advantages, completion_mask, old_logps, ref_logps,
+def _loss_from_logps(logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps,
                      config, is_weights, num_items_in_batch, global_batch_size, dtype) -> GRPOOutput:
     return _ref.grpo_output_from_logps(
         logps.to(dtype), None if entropy is None else entropy.to(dtype), completion_ids, advantages,
@@ -339,7 +339,7 @@ def grpo_loss(
         logits, completion_ids, config.temperature, config.compute_entropy, inplace=inplace_backward
     )
     return _loss_from_logps(
-        logps, entropy, logits.device, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
+        logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
         is_weights, num_items_in_batch, global_batch_size, _ref.compute_dtype(logits.dtype),
     )
 
@@ -371,7 +371,7 @@ def linear_grpo_loss(
         chunk_size=chunk_size,
     )
     return _loss_from_logps(
-        logps, entropy, hidden.device, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
+        logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
         is_weights, num_items_in_batch, global_batch_size, _ref.compute_dtype(hidden.dtype),
     )
 
