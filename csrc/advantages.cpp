@@ -11,12 +11,13 @@
 #include <tuple>
 #include <vector>
 
+#include "params.h"
+
 namespace grpo_fused_cpp {
 namespace {
 
 using at::Tensor;
 
-enum ScaleMode : int64_t { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
 
 // rewards (B,) float/double, NaN = unscored; group_index (B,) int64 in [0, G); keep_mask (B,) bool or (0,).
 // Returns (advantages (B,), mean (G,), std (G,), count (G,) int64, zero_std (G,) bool); mean / std

@@ -13,6 +13,7 @@
 
 #include <tuple>
 
+#include "params.h"
 #include "row_math.h"
 
 namespace grpo_fused_cpp {
@@ -111,9 +112,10 @@ void backward_rows(const Tensor& logits, Tensor& dlogits, const int64_t* ids, ac
 // Logits ops.
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor& ids, double inv_temperature,
+std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor& ids, const Tensor& params,
                                               bool compute_entropy) {
   check_logits(logits, "logits");
+  const double inv_temperature = param(params, kSlotInvTemperature);
   const RowView view(logits);
   check_rows(ids, view.rows, "ids", at::kLong);
   const auto acc = acc_type_of(logits.scalar_type());
@@ -133,8 +135,9 @@ std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor
 
 // grad_entropy may be empty (0,): the entropy was not used, its term is skipped.
 void logits_bwd_into(const Tensor& grad_logps, const Tensor& grad_entropy, const Tensor& logits, const Tensor& ids,
-                     const Tensor& lse, const Tensor& entropy, double inv_temperature, Tensor& dlogits) {
+                     const Tensor& lse, const Tensor& entropy, const Tensor& params, Tensor& dlogits) {
   check_logits(logits, "logits");
+  const double inv_temperature = param(params, kSlotInvTemperature);
   const RowView view(logits);
   const auto acc = acc_type_of(logits.scalar_type());
   check_rows(ids, view.rows, "ids", at::kLong);
@@ -157,16 +160,16 @@ void logits_bwd_into(const Tensor& grad_logps, const Tensor& grad_entropy, const
 }
 
 Tensor logits_bwd(const Tensor& grad_logps, const Tensor& grad_entropy, const Tensor& logits, const Tensor& ids,
-                  const Tensor& lse, const Tensor& entropy, double inv_temperature) {
+                  const Tensor& lse, const Tensor& entropy, const Tensor& params) {
   Tensor dlogits = at::empty(logits.sizes(), logits.options());
-  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, inv_temperature, dlogits);
+  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, dlogits);
   return dlogits;
 }
 
 // Same as logits_bwd, but the gradient overwrites `logits` (zero extra memory).
 void logits_bwd_inplace(const Tensor& grad_logps, const Tensor& grad_entropy, Tensor& logits, const Tensor& ids,
-                        const Tensor& lse, const Tensor& entropy, double inv_temperature) {
-  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, inv_temperature, logits);
+                        const Tensor& lse, const Tensor& entropy, const Tensor& params) {
+  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, logits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ Tensor chunk_logits(const LinearOperands& ops, const Tensor& hidden, int64_t sta
 
 std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor& weight,
                                               const c10::optional<Tensor>& bias, const Tensor& ids,
-                                              double inv_temperature, bool compute_entropy, int64_t chunk_rows) {
+                                              const Tensor& params, bool compute_entropy, int64_t chunk_rows) {
   check_linear(hidden, weight, bias, chunk_rows);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   check_rows(ids, rows, "ids", at::kLong);
@@ -230,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor
     const int64_t n = std::min(chunk, rows - start);
     Tensor logits = chunk_logits(ops, hidden, start, n, buffer);
     auto [chunk_logps, chunk_lse, chunk_entropy] =
-        logits_fwd(logits, ids.narrow(0, start, n), inv_temperature, compute_entropy);
+        logits_fwd(logits, ids.narrow(0, start, n), params, compute_entropy);
     logps.narrow(0, start, n).copy_(chunk_logps);
     lse.narrow(0, start, n).copy_(chunk_lse);
     if (compute_entropy) entropy.narrow(0, start, n).copy_(chunk_entropy);
@@ -243,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Tensor& grad_entropy,
                                               const Tensor& hidden, const Tensor& weight,
                                               const c10::optional<Tensor>& bias, const Tensor& ids, const Tensor& lse,
-                                              const Tensor& entropy, double inv_temperature, int64_t chunk_rows,
+                                              const Tensor& entropy, const Tensor& params, int64_t chunk_rows,
                                               bool compute_dweight, bool compute_dbias) {
   check_linear(hidden, weight, bias, chunk_rows);
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
@@ -261,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
     Tensor logits = chunk_logits(ops, hidden, start, n, buffer);
     logits_bwd_inplace(grad_logps.narrow(0, start, n), has_entropy_grad ? grad_entropy.narrow(0, start, n) : grad_entropy,
                        logits, ids.narrow(0, start, n), lse.narrow(0, start, n),
-                       has_entropy_grad ? entropy.narrow(0, start, n) : entropy, inv_temperature);
+                       has_entropy_grad ? entropy.narrow(0, start, n) : entropy, params);
     const Tensor& dlogits = logits;  // (n, V), overwritten in place above
     Tensor h = hidden.narrow(0, start, n).to(ops.acc);
     Tensor dhidden_chunk = dhidden.narrow(0, start, n);

@@ -4,26 +4,28 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(grpo_fused_cpp, m) {
+  // params: the float64 hyperparameter vector of grpo_fused.semantics.Slot (params.h); the ops read
+  // the temperature there, so a new temperature is data, not a new traced graph.
   // logits (N, V) or (B, T, V), unit stride over V; ids (N,) int64. Returns fp32 (fp64 for fp64
   // logits) (logps (N,), lse (N,), entropy (N,) or (0,) when compute_entropy is false).
-  m.def("logits_fwd(Tensor logits, Tensor ids, float inv_temperature, bool compute_entropy)"
+  m.def("logits_fwd(Tensor logits, Tensor ids, Tensor params, bool compute_entropy)"
         " -> (Tensor logps, Tensor lse, Tensor entropy)");
   // dlogits (shape and dtype of logits). grad_entropy (0,) means no entropy gradient.
   m.def("logits_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor logits, Tensor ids, Tensor lse,"
-        " Tensor entropy, float inv_temperature) -> Tensor");
+        " Tensor entropy, Tensor params) -> Tensor");
   // The same gradient written over logits.
   m.def("logits_bwd_inplace(Tensor grad_logps, Tensor grad_entropy, Tensor(a!) logits, Tensor ids, Tensor lse,"
-        " Tensor entropy, float inv_temperature) -> ()");
+        " Tensor entropy, Tensor params) -> ()");
   // hidden (N, H), weight (V, H), bias (V,): logits computed chunk_rows tokens at a time.
-  m.def("linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, float inv_temperature,"
+  m.def("linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor params,"
         " bool compute_entropy, int chunk_rows) -> (Tensor logps, Tensor lse, Tensor entropy)");
   // (dhidden (N, H), dweight (V, H), dbias (V,)); dweight / dbias are (0,) when not asked for.
   m.def("linear_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias,"
-        " Tensor ids, Tensor lse, Tensor entropy, float inv_temperature, int chunk_rows, bool compute_dweight,"
+        " Tensor ids, Tensor lse, Tensor entropy, Tensor params, int chunk_rows, bool compute_dweight,"
         " bool compute_dbias)"
         " -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
-  // rewards (B,) combined, group_index (B,) int64, keep_mask (B,) bool or (0,); scale_mode 0 group,
-  // 1 batch, 2 none. Returns (advantages (B,), mean (G,), std (G,), count (G,), zero_std (G,)).
+  // rewards (B,) combined, group_index (B,) int64, keep_mask (B,) bool or (0,); scale_mode the
+  // code of grpo_fused.semantics.AdvantageScale (params.h). Returns (advantages (B,), mean (G,), std (G,), count (G,), zero_std (G,)).
   m.def("group_advantages(Tensor rewards, Tensor group_index, int num_groups, Tensor keep_mask,"
         " int scale_mode, bool unbiased, float eps)"
         " -> (Tensor advantages, Tensor mean, Tensor std, Tensor count, Tensor zero_std)");

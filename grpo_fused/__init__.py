@@ -17,9 +17,8 @@ from .api import (
     selective_log_softmax,
 )
 from . import distributed
-from .config import GRPOConfig
 from .modules import GRPOLoss, LinearGRPOLoss
-from .reference import GroupStats, GRPOOutput
+from .semantics import GRPOConfig, GroupStats, GRPOOutput
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,11 @@
 """Backend selection: ``backend="auto" | "triton" | "cpp" | "reference"``.
 
 Each backend is a module under ``grpo_fused.backends`` exposing ``availability(device)``
-(``None`` when usable, else the reason it is not) and the ops it implements, with the same
-normalized signatures as :mod:`grpo_fused.backends.reference`. An op a backend does not
-implement is simply absent from its module.
+(``None`` when usable, else the reason it is not) and the ops it implements, with the
+signatures of :mod:`grpo_fused.backends.reference` (inputs already validated; a loss takes its
+``(B, T)`` inputs as one :class:`~grpo_fused.semantics.LossBatch` and its hyperparameters as one
+:class:`~grpo_fused.semantics.LossParams`). An op a backend does not implement is absent from
+its module.
 
 ``auto`` picks Triton for CUDA tensors and the C++ extension for CPU tensors; when that
 backend is not built (or lacks the op) it falls back to the reference with a one-time
@@ -19,6 +21,9 @@ from typing import Callable
 import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
+# The linear path's strategies: "chunked" (GEMMs on token chunks), "tiled" (logit tiles on chip,
+# Triton only), "auto" (the backend's choice). Every backend and entry point reads this tuple.
+LINEAR_STRATEGIES = ("auto", "chunked", "tiled")
 _warned = set()
 _chosen = {}  # (op, backend, device type) -> backend name
 _loaded = {}  # backend name -> module

@@ -1,7 +1,9 @@
-"""Input checks shared by every entry point.
+"""Input checks, in one place, for every entry point (the public API and the distributed losses).
 
 Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or value)
-naming the argument, before any kernel runs. Nothing here modifies its inputs.
+naming the argument, before any kernel runs. Nothing here modifies its inputs, and nothing reads
+a config's float fields (a traced graph must not depend on them; see
+:mod:`grpo_fused.semantics.params`).
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import GRPOConfig
+from .semantics import GRPOConfig, LossBatch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 # The id range check reads the ids, which on a GPU is one host sync; set
 # GRPO_FUSED_CHECK_IDS=0 to skip it once a pipeline is known to be correct.
-_CHECK_IDS = os.environ.get("GRPO_FUSED_CHECK_IDS", "1") != "0"
+CHECK_IDS = os.environ.get("GRPO_FUSED_CHECK_IDS", "1") != "0"
 
 
 def _fmt(shape) -> str:
@@ -46,7 +48,7 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others):
 
 
 def check_ids_in_range(name: str, ids: torch.Tensor, vocab_size: int):
-    if not _CHECK_IDS or ids.numel() == 0 or torch.compiler.is_compiling():
+    if not CHECK_IDS or ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
@@ -62,57 +64,18 @@ def check_config(config) -> GRPOConfig:
     return config
 
 
-def check_loss_inputs(
-    *,
-    features_name: str,
-    features: torch.Tensor,
-    completion_ids,
-    advantages,
-    completion_mask,
-    old_logps,
-    ref_logps,
-    is_weights,
-    config: GRPOConfig,
-    vocab_size: int,
-):
-    """Checks for grpo_loss / linear_grpo_loss; ``features`` is the logits or the hidden states."""
-    check_tensor(features_name, features, ndim=(3,), kind="float")
-    B, T = features.shape[0], features.shape[1]
-    check_tensor("completion_ids", completion_ids, ndim=(2,), kind="int")
-    if tuple(completion_ids.shape) != (B, T):
-        raise ValueError(
-            f"completion_ids must have shape {_fmt((B, T))} to match {features_name} "
-            f"{_fmt(features.shape)}, got {_fmt(completion_ids.shape)}"
-        )
-    check_tensor("advantages", advantages, ndim=(1, 2), kind="float")
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {_fmt(advantages.shape)}")
-    if completion_mask is not None:
-        check_tensor("completion_mask", completion_mask, ndim=(2,), kind="mask")
-        if tuple(completion_mask.shape) != (B, T):
-            raise ValueError(f"completion_mask must have shape ({B}, {T}), got {_fmt(completion_mask.shape)}")
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if t is not None:
-            check_tensor(name, t, ndim=(2,), kind="float")
-            if tuple(t.shape) != (B, T):
-                raise ValueError(f"{name} must have shape ({B}, {T}), got {_fmt(t.shape)}")
-    if is_weights is not None:
-        check_tensor("is_weights", is_weights, ndim=(1, 2), kind="float")
-        if tuple(is_weights.shape) not in ((B,), (B, 1), (B, T)):
-            raise ValueError(f"is_weights must have shape ({B},), ({B}, 1) or ({B}, {T}), got {_fmt(is_weights.shape)}")
-    if config.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"ref_logps is required when config.beta != 0 (beta={config.beta})")
-    check_same_device(
-        features_name,
-        features,
-        completion_ids=completion_ids,
-        advantages=advantages,
-        completion_mask=completion_mask,
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        is_weights=is_weights,
-    )
-    check_ids_in_range("completion_ids", completion_ids, vocab_size)
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def check_positive_int(name: str, value, optional: bool = True):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive int, got {value!r}")
 
 
 def check_normalizer(name: str, value):
@@ -128,21 +91,81 @@ def check_normalizer(name: str, value):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def check_linear_weights(hidden: torch.Tensor, weight, bias):
-    check_tensor("weight", weight, ndim=(2,), kind="float")
-    if weight.shape[1] != hidden.shape[-1]:
+def check_loss_inputs(features_name: str, features: torch.Tensor, batch: LossBatch, config: GRPOConfig):
+    """Checks of a loss call's ``(B, T)`` inputs against ``features`` ``(B, T, D)`` (logits or
+    hidden states); the id range is checked separately, against the vocabulary size."""
+    check_tensor(features_name, features, ndim=(3,), kind="float")
+    B, T = features.shape[0], features.shape[1]
+    check_tensor("completion_ids", batch.completion_ids, ndim=(2,), kind="int")
+    if tuple(batch.completion_ids.shape) != (B, T):
         raise ValueError(
-            f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's last dim, got {_fmt(weight.shape)}"
+            f"completion_ids must have shape {_fmt((B, T))} to match {features_name} "
+            f"{_fmt(features.shape)}, got {_fmt(batch.completion_ids.shape)}"
+        )
+    per_sequence = ((B,), (B, 1), (B, T))
+    for name in ("advantages", "is_weights"):
+        t = getattr(batch, name)
+        if t is None and name == "is_weights":
+            continue
+        check_tensor(name, t, ndim=(1, 2), kind="float")
+        if tuple(t.shape) not in per_sequence:
+            raise ValueError(f"{name} must have shape ({B},), ({B}, 1) or ({B}, {T}), got {_fmt(t.shape)}")
+    if batch.completion_mask is not None:
+        check_tensor("completion_mask", batch.completion_mask, ndim=(2,), kind="mask")
+        if tuple(batch.completion_mask.shape) != (B, T):
+            raise ValueError(f"completion_mask must have shape ({B}, {T}), got {_fmt(batch.completion_mask.shape)}")
+    for name in ("old_logps", "ref_logps"):
+        t = getattr(batch, name)
+        if t is not None:
+            check_tensor(name, t, ndim=(2,), kind="float")
+            if tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must have shape ({B}, {T}), got {_fmt(t.shape)}")
+    if config.params.spec.kl is not None and batch.ref_logps is None:
+        raise ValueError(f"ref_logps is required when config.beta != 0 (beta={config.beta})")
+    check_same_device(
+        features_name,
+        features,
+        completion_ids=batch.completion_ids,
+        advantages=batch.advantages,
+        completion_mask=batch.completion_mask,
+        old_logps=batch.old_logps,
+        ref_logps=batch.ref_logps,
+        is_weights=batch.is_weights,
+    )
+    check_normalizer("num_items_in_batch", batch.num_items_in_batch)
+    check_normalizer("global_batch_size", batch.global_batch_size)
+
+
+def check_vocab_inputs(features_name: str, features, ids, temperature, vocab_name: str = "V"):
+    """``features`` ``(..., V)`` float with V >= 1, ``ids`` ``(...)`` integer of the same leading shape."""
+    check_tensor(features_name, features, kind="float")
+    if features.dim() < 1 or features.shape[-1] < 1:
+        raise ValueError(f"{features_name} must be (..., {vocab_name}) with {vocab_name} >= 1, got shape {_fmt(features.shape)}")
+    check_tensor("ids", ids, kind="int")
+    if tuple(ids.shape) != tuple(features.shape[:-1]):
+        raise ValueError(
+            f"ids must have shape {_fmt(features.shape[:-1])} ({features_name} without {vocab_name}), got {_fmt(ids.shape)}"
+        )
+    check_same_device(features_name, features, ids=ids)
+    check_temperature(temperature)
+
+
+def check_linear_weights(hidden: torch.Tensor, weight, bias, weight_name: str = "weight", bias_name: str = "bias"):
+    """``weight`` ``(V, H)`` with V >= 1 matching ``hidden`` ``(..., H)``; ``bias`` ``(V,)`` or None."""
+    check_tensor(weight_name, weight, ndim=(2,), kind="float")
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"{weight_name} must have shape (V, {hidden.shape[-1]}) with V >= 1 to match hidden's last dim, "
+            f"got {_fmt(weight.shape)}"
         )
     if bias is not None:
-        check_tensor("bias", bias, ndim=(1,), kind="float")
+        check_tensor(bias_name, bias, ndim=(1,), kind="float")
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {_fmt(bias.shape)}")
-    check_same_device("hidden", hidden, weight=weight, bias=bias)
+            raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {_fmt(bias.shape)}")
+    check_same_device("hidden", hidden, **{weight_name: weight, bias_name: bias})
 
 
-def check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+def check_linear_inputs(hidden, weight, ids, temperature, bias=None, weight_name="weight", bias_name="bias"):
+    """:func:`check_vocab_inputs` of ``hidden`` ``(..., H)`` plus :func:`check_linear_weights`."""
+    check_vocab_inputs("hidden", hidden, ids, temperature, vocab_name="H")
+    check_linear_weights(hidden, weight, bias, weight_name, bias_name)

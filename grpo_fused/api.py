@@ -1,7 +1,9 @@
 """The functional API: validate, pick a backend, call it.
 
-Every function checks its inputs first (clear errors naming the argument, nothing
-modified), then runs the op on the chosen backend (see :mod:`grpo_fused._dispatch`).
+Every function checks its inputs first (clear errors naming the argument, nothing modified),
+then runs the op on the chosen backend (see :mod:`grpo_fused._dispatch`). A loss call hands the
+backend its ``(B, T)`` inputs as one :class:`~grpo_fused.semantics.LossBatch` and its
+hyperparameters as ``config.params`` (:class:`~grpo_fused.semantics.LossParams`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,10 @@ import torch
 
 from . import _dispatch
 from . import _validation as v
-from .config import GRPOConfig
-from .reference import GRPOOutput, GroupStats
+from ._dispatch import LINEAR_STRATEGIES
+from .semantics import ADVANTAGE_SCALES, GRPOConfig, GroupStats, GRPOOutput, LossBatch
 
 Tensor = torch.Tensor
-
-LINEAR_STRATEGIES = ("auto", "chunked", "tiled")
 
 
 def grpo_loss(
@@ -40,7 +40,7 @@ def grpo_loss(
     Args:
         logits: ``(B, T, V)`` fp32 / bf16 / fp16 / fp64, the completion positions' logits
             (position t predicts ``completion_ids[:, t]``).
-        completion_ids: ``(B, T)`` int64 / int32 sampled tokens, in ``[0, V)``.
+        completion_ids: ``(B, T)`` integer sampled tokens, in ``[0, V)``.
         advantages: ``(B,)``, ``(B, 1)`` or ``(B, T)``.
         completion_mask: ``(B, T)`` bool / int / float loss mask; None means all ones.
         old_logps: ``(B, T)`` log-probs of the sampling policy; None means on-policy
@@ -61,36 +61,12 @@ def grpo_loss(
         ``(B, T)`` or None, and ``metrics`` (0-dim tensors, TRL names).
     """
     config = v.check_config(config)
-    v.check_tensor("logits", logits, ndim=(3,), kind="float")
-    v.check_loss_inputs(
-        features_name="logits",
-        features=logits,
-        completion_ids=completion_ids,
-        advantages=advantages,
-        completion_mask=completion_mask,
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        is_weights=is_weights,
-        config=config,
-        vocab_size=logits.shape[-1],
-    )
-    v.check_normalizer("num_items_in_batch", num_items_in_batch)
-    v.check_normalizer("global_batch_size", global_batch_size)
+    batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
+                      num_items_in_batch, global_batch_size)
+    v.check_loss_inputs("logits", logits, batch, config)
+    v.check_ids_in_range("completion_ids", completion_ids, logits.shape[-1])
     impl = _dispatch.resolve("grpo_loss", backend, logits.device)
-    extra = {"inplace_backward": True} if inplace_backward else {}
-    return impl(
-        logits,
-        completion_ids,
-        advantages,
-        completion_mask,
-        old_logps,
-        ref_logps,
-        config=config,
-        is_weights=is_weights,
-        num_items_in_batch=num_items_in_batch,
-        global_batch_size=global_batch_size,
-        **extra,
-    )
+    return impl(logits, batch, config.params, inplace_backward=inplace_backward)
 
 
 def linear_grpo_loss(
@@ -118,8 +94,8 @@ def linear_grpo_loss(
         hidden: ``(B, T, H)`` last hidden states of the completion positions.
         weight: ``(V, H)`` lm_head weight. bias: ``(V,)`` or None.
         strategy: ``"chunked"`` (GEMM per token chunk), ``"tiled"`` (logit tiles on chip) or
-            ``"auto"`` (= chunked); only the fused backends use it (the reference materializes
-            the logits).
+            ``"auto"`` (the backend's choice); only the fused backends use it (the reference
+            materializes the logits).
         chunk_size: chunked strategy: tokens per chunk; None picks it from the shapes.
         filter_eps: tiled strategy: skip backward tiles whose probabilities are all below it
             and hold no target (an approximation; None, the default, is exact).
@@ -127,40 +103,16 @@ def linear_grpo_loss(
     The other arguments and the return value are those of :func:`grpo_loss`.
     """
     config = v.check_config(config)
+    batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
+                      num_items_in_batch, global_batch_size)
     v.check_tensor("hidden", hidden, ndim=(3,), kind="float")
     v.check_linear_weights(hidden, weight, bias)
-    v.check_loss_inputs(
-        features_name="hidden",
-        features=hidden,
-        completion_ids=completion_ids,
-        advantages=advantages,
-        completion_mask=completion_mask,
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        is_weights=is_weights,
-        config=config,
-        vocab_size=weight.shape[0],
-    )
-    v.check_normalizer("num_items_in_batch", num_items_in_batch)
-    v.check_normalizer("global_batch_size", global_batch_size)
-    _check_strategy(strategy)
+    v.check_loss_inputs("hidden", hidden, batch, config)
+    v.check_ids_in_range("completion_ids", completion_ids, weight.shape[0])
+    _check_strategy_options(strategy, chunk_size, filter_eps)
     impl = _dispatch.resolve("linear_grpo_loss", backend, hidden.device)
-    return impl(
-        hidden,
-        weight,
-        completion_ids,
-        advantages,
-        completion_mask,
-        old_logps,
-        ref_logps,
-        bias=bias,
-        config=config,
-        is_weights=is_weights,
-        num_items_in_batch=num_items_in_batch,
-        global_batch_size=global_batch_size,
-        strategy=strategy,
-        **_linear_options(strategy, chunk_size, filter_eps),
-    )
+    return impl(hidden, weight, bias, batch, config.params, strategy=strategy, chunk_size=chunk_size,
+                filter_eps=filter_eps)
 
 
 def selective_log_softmax(
@@ -180,14 +132,7 @@ def selective_log_softmax(
     Returns:
         ``(logps, entropy)``: fp32 ``(...)`` (fp64 for fp64 logits); entropy is None unless asked.
     """
-    v.check_tensor("logits", logits, kind="float")
-    if logits.dim() < 1:
-        raise ValueError("logits must have at least 1 dimension (..., V)")
-    v.check_tensor("ids", ids, kind="int")
-    if tuple(ids.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"ids must have shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(ids.shape)}")
-    v.check_same_device("logits", logits, ids=ids)
-    v.check_temperature(temperature)
+    v.check_vocab_inputs("logits", logits, ids, temperature)
     v.check_ids_in_range("ids", ids, logits.shape[-1])
     impl = _dispatch.resolve("selective_log_softmax", backend, logits.device)
     return impl(logits, ids, temperature, compute_entropy)
@@ -212,22 +157,12 @@ def linear_log_softmax(
         hidden: ``(..., H)``. weight: ``(V, H)``. ids: ``(...)``. bias: ``(V,)`` or None.
         strategy, chunk_size, filter_eps: as :func:`linear_grpo_loss`.
     """
-    v.check_tensor("hidden", hidden, kind="float")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least 1 dimension (..., H)")
-    v.check_linear_weights(hidden, weight, bias)
-    v.check_tensor("ids", ids, kind="int")
-    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"ids must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(ids.shape)}")
-    v.check_same_device("hidden", hidden, ids=ids)
-    v.check_temperature(temperature)
+    v.check_linear_inputs(hidden, weight, ids, temperature, bias)
     v.check_ids_in_range("ids", ids, weight.shape[0])
-    _check_strategy(strategy)
+    _check_strategy_options(strategy, chunk_size, filter_eps)
     impl = _dispatch.resolve("linear_log_softmax", backend, hidden.device)
-    return impl(
-        hidden, weight, ids, temperature, bias=bias, compute_entropy=compute_entropy, strategy=strategy,
-        **_linear_options(strategy, chunk_size, filter_eps),
-    )
+    return impl(hidden, weight, bias, ids, temperature, compute_entropy, strategy=strategy, chunk_size=chunk_size,
+                filter_eps=filter_eps)
 
 
 def group_advantages(
@@ -264,8 +199,7 @@ def group_advantages(
     if len(given) != 1:
         raise ValueError(f"give exactly one of group_size, group_ids, group_offsets (got {given or 'none'})")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        v.check_positive_int("group_size", group_size, optional=False)
         if B % group_size != 0:
             raise ValueError(f"group_size={group_size} does not divide the number of rewards {B}")
     if group_ids is not None:
@@ -292,8 +226,8 @@ def group_advantages(
         v.check_tensor("keep_mask", keep_mask, ndim=(1,), kind="mask")
         if keep_mask.shape[0] != B:
             raise ValueError(f"keep_mask must have shape ({B},), got {tuple(keep_mask.shape)}")
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {tuple(ADVANTAGE_SCALES)}, got {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     v.check_same_device(
@@ -314,24 +248,15 @@ def group_advantages(
     )
 
 
-def _linear_options(strategy, chunk_size, filter_eps) -> dict:
-    """The strategy knobs that were set (only those reach the backend)."""
-    options = {}
+def _check_strategy_options(strategy, chunk_size, filter_eps) -> None:
+    if strategy not in LINEAR_STRATEGIES:
+        raise ValueError(f"strategy must be one of {LINEAR_STRATEGIES}, got {strategy!r}")
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        v.check_positive_int("chunk_size", chunk_size)
         if strategy == "tiled":
             raise ValueError("chunk_size applies to strategy='chunked' (or 'auto'), not 'tiled'")
-        options["chunk_size"] = chunk_size
     if filter_eps is not None:
         if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not 0 < filter_eps < 1:
             raise ValueError(f"filter_eps must be a number in (0, 1), got {filter_eps!r}")
         if strategy != "tiled":
             raise ValueError("filter_eps (gradient filtering) applies to strategy='tiled' only")
-        options["filter_eps"] = float(filter_eps)
-    return options
-
-
-def _check_strategy(strategy):
-    if strategy not in LINEAR_STRATEGIES:
-        raise ValueError(f"strategy must be one of {LINEAR_STRATEGIES}, got {strategy!r}")

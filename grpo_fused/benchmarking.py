@@ -288,7 +288,7 @@ def probe(provider: Provider, device: torch.device) -> Optional[Dict[str, str]]:
 @functools.lru_cache(maxsize=None)
 def bench_config():
     """The :class:`GRPOConfig` of :data:`BENCH_CONFIG`, one object per process (compile guards on it)."""
-    from .config import GRPOConfig
+    from .semantics import GRPOConfig
 
     return GRPOConfig(**BENCH_CONFIG)
 

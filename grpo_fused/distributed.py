@@ -17,9 +17,13 @@ max with a MAX all-reduce, then rescaled sum-exp, target logit and entropy parti
 all-reduce), never logits. Backward writes each rank's own ``dlogits`` (or ``dweight`` /
 ``dbias`` shard) with no communication; the linear path's ``dhidden`` is a sum over vocab
 shards and takes one all-reduce of an ``(N, H)`` tensor, as a column-parallel lm_head does.
-:func:`vocab_parallel_grpo_loss` and :func:`vocab_parallel_linear_grpo_loss` then apply
-:func:`grpo_fused.reference.grpo_loss_from_logps` to the ``(B, T)`` log-probs: same options,
-same semantics, same :class:`~grpo_fused.reference.GRPOOutput` as :func:`grpo_fused.grpo_loss`.
+:func:`vocab_parallel_grpo_loss` and :func:`vocab_parallel_linear_grpo_loss` then apply the
+semantics layer's ``(B, T)`` tail (:func:`grpo_fused.semantics.grpo_output`) to the log-probs:
+same options, same semantics, same :class:`~grpo_fused.semantics.GRPOOutput` as
+:func:`grpo_fused.grpo_loss`. The data-parallel normalizers are derived from the same
+normalizer table (:class:`grpo_fused.semantics.Normalizer`), the shards' statistics are merged
+by the helpers the tiled kernel uses (:mod:`grpo_fused.kernels.splits`), and the inputs are
+checked by :mod:`grpo_fused._validation`, as the public API's are.
 
 Every function also runs without an initialized process group (``process_group=None``): it is
 then the single-process computation, which keeps one code path for 1 and for many GPUs.
@@ -38,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as v
-from .config import GRPOConfig
-from .reference import GRPOOutput, compute_dtype, grpo_output_from_logps
+from .kernels.splits import chunk_rows, finish_partials, rescale_partials
+from .semantics import GRPOConfig, GRPOOutput, LossBatch, Normalizer, Surrogate, compute_dtype, grpo_output
 
 Tensor = torch.Tensor
 
@@ -55,8 +59,9 @@ __all__ = [
     "vocab_parallel_linear_grpo_loss",
 ]
 
-# Token chunk of the linear path: the (chunk, V_r) fp32 logits tile is at most this many elements.
-_LINEAR_CHUNK_ELEMENTS = 1 << 24
+# Bytes a (chunk, V_r) logit costs in the plain-PyTorch shard pass: the compute-dtype logits and
+# its three temporaries of the same shape (exponentials, shifted logits, their product).
+_SHARD_TEMPORARIES = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -104,8 +109,6 @@ def _gather_rows(row: Tensor, process_group, world_size: int, rank: int) -> Tens
 # Data parallel: normalizers that make the DP gradient equal the single-process one.
 # --------------------------------------------------------------------------------------
 
-_TOKEN_SUM_TYPES = ("dapo", "cispo", "gpg")  # sum / num_items_in_batch
-_SEQUENCE_MEAN_TYPES = ("grpo", "sapo", "gmpo", "luspo")  # mean over sequences
 GRADIENT_REDUCTIONS = ("mean", "sum")
 
 
@@ -247,45 +250,40 @@ def dp_normalizers(
     nonempty_sequences = table[:, 3].sum().clamp(min=1.0)
 
     g = float(world_size if gradient_reduction == "mean" else 1)
-    dp = float(config.dp_size)
+    spec = config.params.spec
+    norm = spec.normalizer
+    dp = float(spec.dp_size)
     tokens_1 = tokens.clamp(min=1.0)
-    fixed_length = config.max_completion_length
+    fixed_length = spec.max_completion_length
+    # gmpo's policy term is a plain mean over the local sequences whatever the mode, which fixes
+    # the scale; the mode's normalizers then follow from it.
+    sequence_mean_policy = spec.loss_type.surrogate is Surrogate.GEO_MEAN
 
     out = []
     for mask, mask_tokens in zip(masks, local_tokens):
         batch, length = mask.shape
         n = gbs = None
-        if config.loss_agg_mode is None:
-            lt = config.loss_type
-            if lt in _TOKEN_SUM_TYPES:
-                scale, n = torch.tensor(g, **f64), tokens_1
-            elif lt == "bnpo":
-                scale = g * mask_tokens.clamp(min=1.0) / tokens_1
-            elif lt in _SEQUENCE_MEAN_TYPES:
-                scale = g * batch / sequences
-            elif lt == "dr_grpo":
-                if fixed_length is None:
-                    scale = g * batch * length / (sequences * longest)
-                else:
-                    scale = g * batch / sequences
-            else:  # pragma: no cover - GRPOConfig rejects unknown loss types
-                raise ValueError(f"loss_type {lt!r} has no data-parallel normalizer")
-        else:
-            # gmpo's policy term is a plain mean over the local sequences whatever the mode,
-            # which fixes the scale; the mode's normalizers then follow from it.
-            if config.loss_type == "gmpo":
-                scale = g * batch / sequences
+        if norm is Normalizer.GLOBAL_TOKENS:
+            scale, n = torch.tensor(g, **f64), tokens_1
+        elif norm is Normalizer.LOCAL_TOKEN_MEAN:
+            scale = g * mask_tokens.clamp(min=1.0) / tokens_1
+        elif norm in (Normalizer.SEQUENCE_MEAN, Normalizer.SEQUENCE_SUM_MEAN):
+            scale = g * batch / sequences
+        elif norm is Normalizer.FIXED_LENGTH:
+            if fixed_length is None:
+                scale = g * batch * length / (sequences * longest)
             else:
-                scale = torch.tensor(g / dp, **f64)
-            mode = config.loss_agg_mode
-            if mode == "token-mean":
+                scale = g * batch / sequences
+        else:  # verl's loss_agg_mode
+            scale = g * batch / sequences if sequence_mean_policy else torch.tensor(g / dp, **f64)
+            if norm is Normalizer.VERL_TOKEN_MEAN:
                 # reference: sum / max(n, 1) * dp  ->  scale * that = g * sum / N
                 n = scale * dp * tokens_1 / g
             else:
                 # reference: seq_sum / gbs * dp  ->  scale * that = g * seq_sum / S;
                 # the sum-norm mode divides by the local T when max_completion_length is unset.
                 gbs = scale * dp * nonempty_sequences / g
-                if mode == "seq-mean-token-sum-norm" and fixed_length is None:
+                if norm is Normalizer.VERL_SEQ_MEAN_TOKEN_SUM_NORM and fixed_length is None:
                     gbs = gbs * longest / length
         out.append(
             DPNormalizers(
@@ -401,21 +399,11 @@ def _combine_partials(partials: List[ShardPartials], spec: "_ShardSpec") -> Tupl
     sumexp = torch.cat([p.sumexp for p in partials])
     target = torch.cat([p.target for p in partials])
     global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, spec.process_group, spec.world_size)
-    local_shift = torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
-    # Rescale each shard's sum-exp to the global max; a shard with nothing (sumexp 0) adds 0.
-    delta = torch.where(sumexp > 0, local_shift - global_max, torch.zeros_like(sumexp))
-    rescale = torch.exp(delta)
-    columns = [sumexp * rescale, target]
-    if spec.compute_entropy:
-        weighted = torch.cat([p.sum_exp_shifted_z for p in partials])
-        columns.append(rescale * (weighted + delta * sumexp))
+    weighted = torch.cat([p.sum_exp_shifted_z for p in partials]) if spec.compute_entropy else None
+    sumexp, weighted = rescale_partials(local_max, sumexp, weighted, global_max)
+    columns = [sumexp, target] + ([weighted] if spec.compute_entropy else [])
     packed = _all_reduce(torch.stack(columns, dim=-1), dist.ReduceOp.SUM, spec.process_group, spec.world_size)
-    log_total = torch.log(packed[:, 0])
-    lse = global_max + log_total
-    entropy = None
-    if spec.compute_entropy:
-        # H = lse - sum p z = log S - sum exp(z - M) (z - M) / S: no cancellation of two large numbers.
-        entropy = log_total - packed[:, 2] / packed[:, 0]
+    lse, entropy = finish_partials(global_max, packed[:, 0], packed[:, 2] if spec.compute_entropy else None)
     return lse, entropy, packed[:, 1]
 
 
@@ -430,7 +418,6 @@ class _ShardSpec:
 
     vocab_start: int
     vocab_shard: int
-    vocab_size: int
     temperature: float
     compute_entropy: bool
     process_group: object
@@ -447,10 +434,10 @@ def _agree_on_shards(
     ids: Optional[Tensor],
     hidden_size: int,
     device,
-) -> Tuple[int, int]:
+) -> int:
     """Share each rank's layout in one all-reduce; every rank raises the same way or none does.
 
-    Returns ``(vocab_start, vocab_size)`` of this rank. A rank whose local checks failed
+    Returns this rank's ``vocab_start``. A rank whose local checks failed
     raises its own error; the others raise a ValueError naming it (instead of waiting on a
     collective it will never join). Checks: ``vocab_start`` given on all ranks or none, the
     shards tile ``[0, V)`` without gap or overlap, the same tokens and ``H`` on every rank,
@@ -501,9 +488,9 @@ def _agree_on_shards(
         if len({(t[5], t[6], t[7]) for t in table}) != 1:
             raise ValueError("ids must be the same on every rank of the vocab-parallel group (they differ)")
         lo, hi = int(table[0][5]), int(table[0][6])
-        if v._CHECK_IDS and (lo < 0 or hi >= vocab_size):
+        if v.CHECK_IDS and (lo < 0 or hi >= vocab_size):
             raise ValueError(f"ids must lie in [0, {vocab_size}) (the vocab size over all shards), found {lo if lo < 0 else hi}")
-    return starts[rank], vocab_size
+    return starts[rank]
 
 
 def _check_vocab_start(vocab_start):
@@ -515,82 +502,16 @@ def _check_vocab_start(vocab_start):
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-
-
-def _check_logits_side(logits_shard, ids, temperature, vocab_start, chunk_size, features_name="logits_shard"):
-    v.check_tensor(features_name, logits_shard, kind="float")
-    if logits_shard.dim() < 1 or logits_shard.shape[-1] < 1:
-        raise ValueError(f"{features_name} must be (..., V_r) with V_r >= 1, got shape {tuple(logits_shard.shape)}")
-    v.check_tensor("ids", ids, kind="int")
-    if tuple(ids.shape) != tuple(logits_shard.shape[:-1]):
-        raise ValueError(f"ids must have shape {tuple(logits_shard.shape[:-1])} ({features_name} without V_r), got {tuple(ids.shape)}")
-    v.check_same_device(features_name, logits_shard, ids=ids)
-    v.check_temperature(temperature)
+def _check_logits_side(logits_shard, ids, temperature, vocab_start, chunk_size):
+    v.check_vocab_inputs("logits_shard", logits_shard, ids, temperature, vocab_name="V_r")
     _check_vocab_start(vocab_start)
-    _check_chunk_size(chunk_size)
+    v.check_positive_int("chunk_size", chunk_size)
 
 
 def _check_linear_side(hidden, weight_shard, ids, temperature, bias_shard, vocab_start, chunk_size):
-    v.check_tensor("hidden", hidden, kind="float")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least 1 dimension (..., H)")
-    v.check_tensor("weight_shard", weight_shard, ndim=(2,), kind="float")
-    if weight_shard.shape[1] != hidden.shape[-1] or weight_shard.shape[0] < 1:
-        raise ValueError(
-            f"weight_shard must have shape (V_r, {hidden.shape[-1]}) with V_r >= 1 to match hidden's last dim, "
-            f"got {tuple(weight_shard.shape)}"
-        )
-    if bias_shard is not None:
-        v.check_tensor("bias_shard", bias_shard, ndim=(1,), kind="float")
-        if bias_shard.shape[0] != weight_shard.shape[0]:
-            raise ValueError(f"bias_shard must have shape ({weight_shard.shape[0]},), got {tuple(bias_shard.shape)}")
-    v.check_tensor("ids", ids, kind="int")
-    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"ids must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {tuple(ids.shape)}")
-    v.check_same_device("hidden", hidden, weight_shard=weight_shard, bias_shard=bias_shard, ids=ids)
-    v.check_temperature(temperature)
+    v.check_linear_inputs(hidden, weight_shard, ids, temperature, bias_shard, "weight_shard", "bias_shard")
     _check_vocab_start(vocab_start)
-    _check_chunk_size(chunk_size)
-
-
-def _check_loss_side(features_name, features, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-                     is_weights, config, num_items_in_batch, global_batch_size):
-    """grpo_loss's checks on the (B, T) tensors; the id range is checked against the full vocab later."""
-    v.check_tensor(features_name, features, ndim=(3,), kind="float")
-    B, T = features.shape[0], features.shape[1]
-    v.check_tensor("completion_ids", completion_ids, ndim=(2,), kind="int")
-    if tuple(completion_ids.shape) != (B, T):
-        raise ValueError(
-            f"completion_ids must have shape ({B}, {T}) to match {features_name} {tuple(features.shape)}, "
-            f"got {tuple(completion_ids.shape)}"
-        )
-    v.check_tensor("advantages", advantages, ndim=(1, 2), kind="float")
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
-    if completion_mask is not None:
-        v.check_tensor("completion_mask", completion_mask, ndim=(2,), kind="mask")
-        if tuple(completion_mask.shape) != (B, T):
-            raise ValueError(f"completion_mask must have shape ({B}, {T}), got {tuple(completion_mask.shape)}")
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if t is not None:
-            v.check_tensor(name, t, ndim=(2,), kind="float")
-            if tuple(t.shape) != (B, T):
-                raise ValueError(f"{name} must have shape ({B}, {T}), got {tuple(t.shape)}")
-    if is_weights is not None:
-        v.check_tensor("is_weights", is_weights, ndim=(1, 2), kind="float")
-        if tuple(is_weights.shape) not in ((B,), (B, 1), (B, T)):
-            raise ValueError(f"is_weights must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(is_weights.shape)}")
-    if config.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"ref_logps is required when config.beta != 0 (beta={config.beta})")
-    v.check_same_device(
-        features_name, features, completion_ids=completion_ids, advantages=advantages,
-        completion_mask=completion_mask, old_logps=old_logps, ref_logps=ref_logps, is_weights=is_weights,
-    )
-    v.check_normalizer("num_items_in_batch", num_items_in_batch)
-    v.check_normalizer("global_batch_size", global_batch_size)
+    v.check_positive_int("chunk_size", chunk_size)
 
 
 def _checked(check, *args):
@@ -646,7 +567,6 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
 
 @dataclasses.dataclass(frozen=True)
 class _LinearInputs:
-    has_bias: bool
     hidden_dtype: torch.dtype
     weight_dtype: torch.dtype
 
@@ -669,7 +589,7 @@ class _VocabParallelLinearLogSoftmax(torch.autograd.Function):
         lse, entropy, target = _combine_partials(partials, spec)
         ctx.save_for_backward(hidden, weight_shard, bias_shard, local_ids, lse, entropy)
         ctx.spec = spec
-        ctx.inputs = _LinearInputs(bias_shard is not None, hidden.dtype, weight_shard.dtype)
+        ctx.inputs = _LinearInputs(hidden.dtype, weight_shard.dtype)
         ctx.set_materialize_grads(False)
         return target - lse, entropy
 
@@ -724,10 +644,11 @@ def _chunk_logits(hidden: Tensor, weight_shard: Tensor, bias_shard: Optional[Ten
     return torch.nn.functional.linear(hidden[rows].to(cdt), weight_shard.to(cdt), bias)
 
 
-def _default_chunk(tokens: int, vocab_shard: int, chunk_size: Optional[int]) -> int:
+def _default_chunk(tokens: int, vocab_shard: int, dtype: torch.dtype, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
         return chunk_size
-    return max(1, min(max(tokens, 1), _LINEAR_CHUNK_ELEMENTS // vocab_shard))
+    element = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    return chunk_rows(max(tokens, 1), vocab_shard, _SHARD_TEMPORARIES * element)
 
 
 # --------------------------------------------------------------------------------------
@@ -735,22 +656,22 @@ def _default_chunk(tokens: int, vocab_shard: int, chunk_size: Optional[int]) -> 
 # --------------------------------------------------------------------------------------
 
 
-def _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group,
-                  chunk_size):
+def _apply_logits(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size):
     world_size, _ = _world(process_group)
-    spec = _ShardSpec(vocab_start, logits_shard.shape[-1], vocab_size, float(temperature), bool(compute_entropy),
-                      process_group, world_size, _default_chunk(ids.numel(), logits_shard.shape[-1], chunk_size))
+    chunk = _default_chunk(ids.numel(), logits_shard.shape[-1], logits_shard.dtype, chunk_size)
+    spec = _ShardSpec(vocab_start, logits_shard.shape[-1], float(temperature), bool(compute_entropy),
+                      process_group, world_size, chunk)
     lead = ids.shape
     logps, entropy = _VocabParallelLogSoftmax.apply(logits_shard.reshape(-1, spec.vocab_shard), ids.reshape(-1), spec)
     return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
 
 
-def _apply_linear(hidden, weight_shard, ids, vocab_start, vocab_size, temperature, bias_shard, compute_entropy,
-                  process_group, chunk_size):
+def _apply_linear(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy, process_group,
+                  chunk_size):
     world_size, _ = _world(process_group)
-    tokens = ids.numel()
-    spec = _ShardSpec(vocab_start, weight_shard.shape[0], vocab_size, float(temperature), bool(compute_entropy),
-                      process_group, world_size, _default_chunk(tokens, weight_shard.shape[0], chunk_size))
+    chunk = _default_chunk(ids.numel(), weight_shard.shape[0], hidden.dtype, chunk_size)
+    spec = _ShardSpec(vocab_start, weight_shard.shape[0], float(temperature), bool(compute_entropy),
+                      process_group, world_size, chunk)
     lead = ids.shape
     logps, entropy = _VocabParallelLinearLogSoftmax.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, ids.reshape(-1), spec
@@ -792,12 +713,11 @@ def vocab_parallel_selective_log_softmax(
     all-reduce of N floats and a SUM all-reduce of 2 (3 with entropy) x N floats.
     """
     error = _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start, chunk_size)
-    vocab_start, vocab_size = _agree_on_shards(
+    vocab_start = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
         ids=ids, hidden_size=0, device=_collective_device(process_group, logits_shard, ids),
     )
-    return _apply_logits(logits_shard, ids, vocab_start, vocab_size, temperature, compute_entropy, process_group,
-                         chunk_size)
+    return _apply_logits(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size)
 
 
 def vocab_parallel_linear_log_softmax(
@@ -828,21 +748,22 @@ def vocab_parallel_linear_log_softmax(
         ``dhidden`` ``(N, H)`` once (every rank gets the full gradient).
     """
     error = _checked(_check_linear_side, hidden, weight_shard, ids, temperature, bias_shard, vocab_start, chunk_size)
-    vocab_start, vocab_size = _agree_on_shards(
+    vocab_start = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0], ids=ids,
         hidden_size=0 if error else hidden.shape[-1], device=_collective_device(process_group, hidden, ids),
     )
-    return _apply_linear(hidden, weight_shard, ids, vocab_start, vocab_size, temperature, bias_shard,
-                         compute_entropy, process_group, chunk_size)
+    return _apply_linear(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy,
+                         process_group, chunk_size)
 
 
-def _loss_from_logps(logps, entropy, dtype, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-                     config, is_weights, num_items_in_batch, global_batch_size) -> GRPOOutput:
-    # The (B, T) tail of reference.grpo_loss, on the log-probs every rank now holds.
-    return grpo_output_from_logps(
-        logps.to(dtype), None if entropy is None else entropy.to(dtype), completion_ids, advantages,
-        completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch, global_batch_size,
-    )
+def _checked_loss_call(features_name, features, batch, config, side_check):
+    """The local checks of a vocab-parallel loss call, collected (raised after the exchange)."""
+    def check():
+        config_ = v.check_config(config)
+        v.check_loss_inputs(features_name, features, batch, config_)
+        side_check(config_)
+
+    return _checked(check)
 
 
 def vocab_parallel_grpo_loss(
@@ -875,23 +796,20 @@ def vocab_parallel_grpo_loss(
         The :class:`GRPOOutput` of the single-process loss on the full logits (loss, logps,
         entropy, metrics), identical on every rank; backward fills this rank's logits-shard gradient.
     """
-    def check():
-        config_ = v.check_config(config)
-        _check_loss_side("logits_shard", logits_shard, completion_ids, advantages, completion_mask, old_logps,
-                         ref_logps, is_weights, config_, num_items_in_batch, global_batch_size)
-        _check_logits_side(logits_shard, completion_ids, config_.temperature, vocab_start, chunk_size)
-
-    error = _checked(check)
-    vocab_start_, vocab_size = _agree_on_shards(
+    batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
+                      num_items_in_batch, global_batch_size)
+    error = _checked_loss_call(
+        "logits_shard", logits_shard, batch, config,
+        lambda c: _check_logits_side(logits_shard, completion_ids, c.temperature, vocab_start, chunk_size),
+    )
+    vocab_start_ = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
         ids=completion_ids, hidden_size=0, device=_collective_device(process_group, logits_shard, completion_ids),
     )
     config = v.check_config(config)
-    logps, entropy = _apply_logits(logits_shard, completion_ids, vocab_start_, vocab_size, config.temperature,
+    logps, entropy = _apply_logits(logits_shard, completion_ids, vocab_start_, config.temperature,
                                    config.compute_entropy, process_group, chunk_size)
-    return _loss_from_logps(logps, entropy, compute_dtype(logits_shard.dtype), completion_ids, advantages,
-                            completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch,
-                            global_batch_size)
+    return _tail(logps, entropy, logits_shard.dtype, batch, config)
 
 
 def vocab_parallel_linear_grpo_loss(
@@ -924,22 +842,25 @@ def vocab_parallel_linear_grpo_loss(
         rank. Backward: ``dhidden`` (one all-reduce, full on every rank), this rank's
         ``dweight_shard`` and ``dbias_shard``.
     """
-    def check():
-        config_ = v.check_config(config)
-        _check_loss_side("hidden", hidden, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-                         is_weights, config_, num_items_in_batch, global_batch_size)
-        _check_linear_side(hidden, weight_shard, completion_ids, config_.temperature, bias_shard, vocab_start,
-                           chunk_size)
-
-    error = _checked(check)
-    vocab_start_, vocab_size = _agree_on_shards(
+    batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
+                      num_items_in_batch, global_batch_size)
+    error = _checked_loss_call(
+        "hidden", hidden, batch, config,
+        lambda c: _check_linear_side(hidden, weight_shard, completion_ids, c.temperature, bias_shard, vocab_start,
+                                     chunk_size),
+    )
+    vocab_start_ = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0],
         ids=completion_ids, hidden_size=0 if error else hidden.shape[-1],
         device=_collective_device(process_group, hidden, completion_ids),
     )
     config = v.check_config(config)
-    logps, entropy = _apply_linear(hidden, weight_shard, completion_ids, vocab_start_, vocab_size,
-                                   config.temperature, bias_shard, config.compute_entropy, process_group, chunk_size)
-    return _loss_from_logps(logps, entropy, compute_dtype(hidden.dtype), completion_ids, advantages,
-                            completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch,
-                            global_batch_size)
+    logps, entropy = _apply_linear(hidden, weight_shard, completion_ids, vocab_start_, config.temperature,
+                                   bias_shard, config.compute_entropy, process_group, chunk_size)
+    return _tail(logps, entropy, hidden.dtype, batch, config)
+
+
+def _tail(logps, entropy, input_dtype, batch: LossBatch, config: GRPOConfig) -> GRPOOutput:
+    # The (B, T) tail of the loss, on the log-probs every rank now holds.
+    dtype = compute_dtype(input_dtype)
+    return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch, config.params)

@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 
 from . import api
-from .config import GRPOConfig
-from .reference import GRPOOutput
+from .semantics import GRPOConfig, GRPOOutput
 
 
 class GRPOLoss(torch.nn.Module):

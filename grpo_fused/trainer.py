@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import api
-from .config import GRPOConfig
+from .semantics import GRPOConfig, Normalizer
 
 # Characters of the embedded tokenizer: the copy task's letters, digits and a few symbols. A small
 # vocabulary keeps the random-init policy's first rewards well above zero.
@@ -206,10 +206,6 @@ class TrainArgs:
         if self.reward is not None and ":" not in self.reward:
             raise ValueError(f"reward must be 'module:function', got {self.reward!r}")
         self.loss_config()  # raises on a bad loss option
-
-
-# Loss types whose normalizer is a token count: micro-batches share the step's token total.
-_TOKEN_NORMALIZED = ("dapo", "cispo", "gpg")
 
 
 # --------------------------------------------------------------------------------------
@@ -469,7 +465,8 @@ def _update(model, ref_model, optimizer, batch, advantages, cfg: GRPOConfig, arg
     # Old log-probs only matter when the policy moves between updates on the same rollout.
     old_logps = sequence_logps(model, *logps_args) if args.num_iterations > 1 else None
     ref_logps = sequence_logps(ref_model, *logps_args) if ref_model is not None else None
-    token_normalized = cfg.loss_type in _TOKEN_NORMALIZED and cfg.loss_agg_mode is None
+    # A token-count normalizer (dapo, cispo, gpg): the micro-batches share the step's token total.
+    token_normalized = cfg.params.spec.normalizer is Normalizer.GLOBAL_TOKENS
     num_items = mask.sum().clamp(min=1) if token_normalized else None
     N = completion_ids.shape[0]
     chunk = N // args.grad_accum

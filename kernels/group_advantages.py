@@ -49,11 +49,11 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_fused.reference import GroupStats, compute_dtype
+from grpo_fused.semantics import ADVANTAGE_SCALES, GroupStats, compute_dtype
+
+from .common import SCALE_BATCH, SCALE_GROUP, launchable, triton_op
 
 Tensor = torch.Tensor
-
-SCALE_MODES = {"none": 0, "group": 1, "batch": 2}
 
 # Elements per (BLOCK_G, BLOCK_S) tile: 2048 fp32 values is 16 per thread at 4 warps, enough
 # loads in flight per thread without spilling; the widest group tile is 1024 members.
@@ -199,7 +199,7 @@ def _group_advantages_kernel(
     # NaN std counts as zero std (the reference's ~(std > 1e-8)).
     zero_std = (group_count < 2) | (group_std <= ZERO_STD_THRESHOLD) | (group_std != group_std)
     has_signal = group_count > 1
-    if SCALE == 1:
+    if SCALE == SCALE_GROUP:
         denom = (group_std + eps_hi) + eps_lo
     else:
         # "none" divides by nothing; "batch" is divided on the host once the batch std is known.
@@ -234,7 +234,7 @@ def _group_advantages_kernel(
     # Per-program partials: zero-std groups (for frac_zero_std) and, for the batch scale, Chan's
     # (count, mean, M2) of this program's valid rewards, merged on the host.
     zero_std_groups = tl.sum(tl.where(group_live & zero_std, 1.0, 0.0).to(ACC), axis=0)
-    if SCALE == 2:
+    if SCALE == SCALE_BATCH:
         n_prog = tl.sum(group_count, axis=0)
         mean_prog = _div(tl.sum(group_sum, axis=0), tl.maximum(n_prog, 1.0), ACC)
         spread = group_mean - mean_prog
@@ -253,11 +253,6 @@ def _group_advantages_kernel(
 # --------------------------------------------------------------------------------------
 # Launcher.
 # --------------------------------------------------------------------------------------
-
-# wrap_triton makes the launch traceable inside the triton_op below. It takes a plain
-# @triton.jit function, not a @triton.heuristics wrapper, so the launcher sets the HAS_* flags.
-_launchable_kernel = torch.library.wrap_triton(_group_advantages_kernel)
-
 
 def _fp32_pair(x: float) -> Tuple[float, float]:
     """``(hi, lo)`` fp32 values with ``hi + lo == x`` to ~2**-48 relative.
@@ -306,7 +301,8 @@ def group_stats(
         group_offsets: ``(G+1,)`` int64 contiguous run boundaries of sorted positions, or None
             for runs of ``group_size``. perm: ``(B,)`` int64 row of each sorted position, or None.
         num_groups: G. group_size: the fixed size, 0 when ``group_offsets`` is given.
-        scale_mode: ``SCALE_MODES[scale]``; with "batch" the advantages come back unscaled.
+        scale_mode: the :class:`grpo_fused.semantics.AdvantageScale` code; with BATCH the advantages
+            come back unscaled.
         ddof: 1 (Bessel) or 0. eps: added to the group std ("group" scale); passed to the kernel
             as an fp32 pair so fp64 statistics see it unrounded.
 
@@ -329,7 +325,7 @@ def group_stats(
     zero_std = torch.empty(num_groups, dtype=torch.bool, device=device)
     partials = torch.empty(num_programs, N_PARTIALS, dtype=acc_dtype, device=device)
     if num_programs > 0:
-        _launchable_kernel[(num_programs,)](
+        launchable(_group_advantages_kernel)[(num_programs,)](
             rewards, reward_weights, keep_mask, group_offsets, perm,
             advantages, combined, group_index, mean, std, count, zero_std, partials,
             num_groups, group_size, n_rewards,
@@ -348,13 +344,7 @@ def group_stats(
 # torch.library op (what torch.compile traces), then the entry point.
 # --------------------------------------------------------------------------------------
 
-_OP_NAME = "triton_group_stats"
-if hasattr(torch.ops.grpo_fused, _OP_NAME):
-    # This file was imported a second time (as ``kernels.group_advantages`` from a checkout and
-    # as ``grpo_fused.kernels.group_advantages``); a second registration would raise.
-    _group_stats_op = getattr(torch.ops.grpo_fused, _OP_NAME).default
-else:
-    _group_stats_op = torch.library.triton_op(f"grpo_fused::{_OP_NAME}", mutates_args=())(group_stats)
+_group_stats_op = triton_op("triton_group_stats")(group_stats)
 
 
 def _segments(
@@ -415,8 +405,8 @@ def group_advantages(
         module docstring (a frac reduction; argsort for ``group_ids``; O(B) rescale for "batch").
         Rewards are data: there is no gradient (backward through the op raises).
     """
-    if scale not in SCALE_MODES:
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {tuple(ADVANTAGE_SCALES)}, got {scale!r}")
     if rewards.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"rewards must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
                          f"got one on {rewards.device}")
@@ -425,7 +415,7 @@ def group_advantages(
     advantages, combined, group_index, mean, std, count, zero_std, partials = _group_stats_op(
         rewards if rewards.dim() == 2 else rewards.unsqueeze(1),
         reward_weights, keep_mask, offsets, perm,
-        num_groups, group_size or 0, SCALE_MODES[scale], ddof, float(eps),
+        num_groups, group_size or 0, int(ADVANTAGE_SCALES[scale]), ddof, float(eps),
     )
     if scale == "batch":
         advantages = advantages / (_merge_batch_std(partials, ddof) + eps)

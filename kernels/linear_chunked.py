@@ -22,7 +22,7 @@ and torch has no bf16 GEMM that adds into an fp32 ``C``. The vocab pass costs on
 logits GEMM (2*N*V*H FLOPs, +25% of the 8*N*V*H total), holds no ``(V, H)`` state beyond the
 gradient itself, and is deterministic.
 
-Transient memory: at most ``DEFAULT_MAX_CHUNK_BYTES`` of logit state (fp32 logits plus, for
+Transient memory: at most :data:`grpo_fused.kernels.splits.DEFAULT_MAX_CHUNK_BYTES` of logit state (fp32 logits plus, for
 bf16 / fp16 operands, their operand-dtype gradient copy) at any time. The GEMMs are ``torch``
 matmuls, so this strategy runs wherever the row kernel does (CUDA, or CPU under the Triton
 interpreter).
@@ -36,33 +36,9 @@ from typing import Optional, Tuple
 import torch
 
 from .selective_log_softmax import logits_bwd, logits_fwd
+from .splits import chunk_rows, logit_bytes
 
 Tensor = torch.Tensor
-
-# Upper bound of the logit state held at once (a token chunk or a vocab slice). At V = 151936
-# with bf16 operands (fp32 logits + bf16 dlogits = 6 bytes a logit) this is 576 tokens a chunk;
-# at N = 16384 tokens, 5456 vocab columns a slice.
-DEFAULT_MAX_CHUNK_BYTES = 512 * 2**20
-
-
-def logit_bytes(dtype: torch.dtype) -> int:
-    """Bytes held per logit: the fp32 (fp64) logits, plus for bf16 / fp16 operands the
-    operand-dtype copy of their gradient that the backward GEMMs read."""
-    if dtype in (torch.float32, torch.float64):
-        return torch.empty((), dtype=dtype).element_size()
-    return 4 + torch.empty((), dtype=dtype).element_size()
-
-
-def chunk_rows(n_tokens: int, vocab: int, bytes_per_logit: int,
-               max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> int:
-    """Tokens per chunk (or, called with ``(V, N, ...)``, vocab columns per slice), from the
-    shapes: as many as fit ``max_chunk_bytes`` of logit state (``bytes_per_logit``, see
-    :func:`logit_bytes`), a multiple of 16 (GEMM-friendly), at least 16, at most ``n_tokens``.
-    """
-    rows = max(1, max_chunk_bytes // max(1, vocab * bytes_per_logit))
-    rows = max(16, rows // 16 * 16)
-    return max(1, min(rows, n_tokens))
-
 
 def _compute_operands(hidden: Tensor, weight: Tensor):
     """hidden and weight in one dtype (the promoted one; a mixed pair costs one cast)."""
@@ -95,7 +71,7 @@ def linear_chunked_fwd(
     weight: Tensor,
     bias: Optional[Tensor],
     ids: Tensor,
-    temperature: float,
+    params: Tensor,
     compute_entropy: bool,
     chunk_size: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -103,7 +79,8 @@ def linear_chunked_fwd(
 
     Args:
         hidden: ``(N, H)`` float. weight: ``(V, H)``. bias: ``(V,)`` or None.
-        ids: ``(N,)`` integer in ``[0, V)``. temperature: > 0. compute_entropy: also the entropy.
+        ids: ``(N,)`` integer in ``[0, V)``. params: ``(NUM_SLOTS,)`` float64 hyperparameters on
+            the device (the temperature). compute_entropy: also the entropy.
         chunk_size: tokens per chunk; None picks :func:`chunk_rows`.
 
     Returns:
@@ -120,7 +97,7 @@ def linear_chunked_fwd(
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         logits = _logits(hidden[start:end], weight, bias)
-        chunk_logps, chunk_lse, chunk_entropy = logits_fwd(logits, ids[start:end], temperature, compute_entropy)
+        chunk_logps, chunk_lse, chunk_entropy = logits_fwd(logits, ids[start:end], params, compute_entropy)
         logps[start:end] = chunk_logps
         lse[start:end] = chunk_lse
         if compute_entropy:
@@ -138,7 +115,7 @@ def linear_chunked_bwd(
     entropy: Optional[Tensor],
     dlogps: Optional[Tensor],
     dentropy: Optional[Tensor],
-    temperature: float,
+    params: Tensor,
     chunk_size: Optional[int] = None,
     vocab_slice: Optional[int] = None,
     needs: Tuple[bool, bool, bool] = (True, True, True),
@@ -147,7 +124,7 @@ def linear_chunked_bwd(
     for ``dweight`` / ``dbias``, each recomputing its logits.
 
     Args:
-        hidden, weight, bias, ids, temperature, chunk_size: as in :func:`linear_chunked_fwd`.
+        hidden, weight, bias, ids, params, chunk_size: as in :func:`linear_chunked_fwd`.
         lse / entropy: ``(N,)`` from the forward (entropy needed only with ``dentropy``).
         dlogps / dentropy: ``(N,)`` gradients of the outputs, or None (zero).
         vocab_slice: vocab columns per slice of the weight pass; None picks them from the shapes.
@@ -174,7 +151,7 @@ def linear_chunked_bwd(
             logits, target, lse[rows], dlogps[rows],
             None if dentropy is None else dentropy[rows],
             None if dentropy is None else entropy[rows],
-            temperature, out=logits,
+            params, out=logits,
         )
 
     dhidden = None
@@ -215,30 +192,29 @@ def linear_chunked_bwd(
 
 @dataclasses.dataclass(frozen=True)
 class _ChunkedState:
-    temperature: float
     chunk_size: Optional[int]
     vocab_slice: Optional[int]
 
 
 class LinearLogSoftmaxChunked(torch.autograd.Function):
-    """``(hidden (N, H), weight (V, H), bias, ids (N,)) -> (logps (N,), entropy (N,) or None)``."""
+    """``(hidden (N, H), weight (V, H), bias, ids (N,), params) -> (logps (N,), entropy (N,) or None)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, compute_entropy, chunk_size, vocab_slice):
-        logps, lse, entropy = linear_chunked_fwd(hidden, weight, bias, ids, temperature, compute_entropy, chunk_size)
+    def forward(ctx, hidden, weight, bias, ids, params, compute_entropy, chunk_size, vocab_slice):
+        logps, lse, entropy = linear_chunked_fwd(hidden, weight, bias, ids, params, compute_entropy, chunk_size)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
-        ctx.state = _ChunkedState(temperature, chunk_size, vocab_slice)
+        ctx.save_for_backward(hidden, weight, bias, ids, params, lse, entropy)
+        ctx.state = _ChunkedState(chunk_size, vocab_slice)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, dlogps, dentropy):
-        hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, ids, params, lse, entropy = ctx.saved_tensors
         s: _ChunkedState = ctx.state
         if dlogps is None and dentropy is None:
             return None, None, None, None, None, None, None, None
         dhidden, dweight, dbias = linear_chunked_bwd(
-            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.chunk_size,
+            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, s.chunk_size,
             s.vocab_slice, needs=tuple(ctx.needs_input_grad[:3]),
         )
         return dhidden, dweight, dbias, None, None, None, None, None
@@ -248,7 +224,7 @@ def linear_log_softmax_chunked(
     hidden: Tensor,
     weight: Tensor,
     ids: Tensor,
-    temperature: float = 1.0,
+    params: Tensor,
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
     chunk_size: Optional[int] = None,
@@ -258,7 +234,8 @@ def linear_log_softmax_chunked(
 
     Args:
         hidden: ``(..., H)`` float. weight: ``(V, H)``. ids: ``(...)`` integer in ``[0, V)``.
-        temperature: divides the logits (default 1.0). bias: ``(V,)`` or None.
+        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the device (the temperature).
+        bias: ``(V,)`` or None.
         compute_entropy: also return the entropy (default False).
         chunk_size: tokens per chunk; None (default) picks :func:`chunk_rows`.
         vocab_slice: vocab columns per slice of the backward's weight pass; None (default)
@@ -271,6 +248,6 @@ def linear_log_softmax_chunked(
     lead = hidden.shape[:-1]
     logps, entropy = LinearLogSoftmaxChunked.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1),
-        float(temperature), bool(compute_entropy), chunk_size, vocab_slice,
+        params, bool(compute_entropy), chunk_size, vocab_slice,
     )
     return logps.view(lead), None if entropy is None else entropy.view(lead)

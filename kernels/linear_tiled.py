@@ -20,6 +20,10 @@ itself when the weight is fp32).
 
 Everything here is fp32 math. fp64 inputs are computed in fp32 (and their outputs returned
 as fp64); bf16 / fp16 tiles go through the tensor cores with fp32 accumulation.
+
+Both launches are ``torch.library.triton_op``s (``grpo_fused::triton_linear_tiled_fwd`` /
+``_bwd``) and read the temperature from ``params`` (the float64 hyperparameter vector of
+:class:`grpo_fused.semantics.Slot`), so torch.compile sees them as ops and a new temperature is data.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .common import P_INV_TEMPERATURE, launchable, triton_op
+from .splits import finish_partials, rescale_partials
 
 Tensor = torch.Tensor
 
@@ -71,22 +78,18 @@ def _logit_tile(
     return tl.where(col_ok[None, :], z, float("-inf"))
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["bias"] is not None,
-    "HAS_ENTROPY": lambda args: args["part_pz"] is not None,
-})
 @triton.jit
 def _linear_lse_fwd_kernel(
-    hidden, weight, bias, ids,  # (N, H), (V, H), (V,) or None, (N,)
+    hidden, weight, bias, ids, params,  # (N, H), (V, H), (V,) or None, (N,), (NUM_SLOTS,) float64
     part_max, part_sum, part_pz, part_target,  # (S, N) fp32 each; part_pz None without entropy
     N, V, H, tiles_per_split,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    inv_temperature = tl.load(params + P_INV_TEMPERATURE).to(tl.float32)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -130,21 +133,13 @@ def _linear_lse_fwd_kernel(
         tl.store(part_pz + out, run_pz, mask=row_ok)
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["bias"] is not None,
-    "HAS_DLOGPS": lambda args: args["dlogps"] is not None,
-    "HAS_DENTROPY": lambda args: args["dentropy"] is not None,
-    "NEED_DHIDDEN": lambda args: args["dhidden"] is not None,
-    "NEED_DWEIGHT": lambda args: args["dweight"] is not None,
-    "NEED_DBIAS": lambda args: args["dbias"] is not None,
-})
 @triton.jit
 def _linear_lse_bwd_kernel(
-    hidden, weight, bias, ids, lse, entropy, dlogps, dentropy,  # (N, H), (V, H), (V,), (N,) x5
+    hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy,  # (N, H), (V, H), (V,), (N,), params, (N,) x4
     dhidden, dweight, dbias,  # fp32 accumulators (N, H), (V, H), (V,); None when not needed
     N, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature, filter_eps,
+    filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DLOGPS: tl.constexpr, HAS_DENTROPY: tl.constexpr,
     NEED_DHIDDEN: tl.constexpr, NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr,
@@ -152,6 +147,7 @@ def _linear_lse_bwd_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
+    inv_temperature = tl.load(params + P_INV_TEMPERATURE).to(tl.float32)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -249,33 +245,23 @@ def _kernel_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return hidden, weight, bias, precision
 
 
-def linear_lse_fwd(
+def _tiled_fwd_launch(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
     ids: Tensor,
-    temperature: float,
+    params: Tensor,
     compute_entropy: bool,
-    config: Optional[TiledConfig] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Forward of the tiled strategy.
-
-    Args:
-        hidden: ``(N, H)`` fp32 / bf16 / fp16 / fp64, any strides. weight: ``(V, H)``, any strides.
-        bias: ``(V,)`` or None. ids: ``(N,)`` integer in ``[0, V)``. temperature: > 0.
-        compute_entropy: also return the entropy.
-
-    Returns:
-        ``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (of ``z = logits / temperature``).
-    """
-    cfg = config or default_config(hidden.device)
+    config: TiledConfig,
+) -> Tensor:
+    """One launch of the forward kernel: the per-split partials ``(3 or 4, S, N)`` (max, sum,
+    target, entropy partial)."""
     N, H = hidden.shape
     V = weight.shape[0]
     hidden_k, weight_k, bias_k, precision = _kernel_operands(hidden, weight, bias)
-    ids = ids.contiguous()
-    num_tiles = triton.cdiv(V, cfg.block_v)
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    num_splits = cfg.num_splits
+    num_tiles = triton.cdiv(V, config.block_v)
+    n_blocks = triton.cdiv(N, config.block_n)
+    num_splits = config.num_splits
     if num_splits is None:
         # Split the vocab until there are about two programs per SM.
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
@@ -283,34 +269,134 @@ def linear_lse_fwd(
     num_splits = max(1, min(num_splits, num_tiles))
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)
-
     part = torch.empty((4 if compute_entropy else 3, num_splits, N), dtype=torch.float32, device=hidden.device)
-    part_max, part_sum, part_target = part[0], part[1], part[2]
-    part_pz = part[3] if compute_entropy else None
     if N > 0:
-        _linear_lse_fwd_kernel[(n_blocks, num_splits)](
-            hidden_k, weight_k, bias_k, ids,
-            part_max, part_sum, part_pz, part_target,
+        launchable(_linear_lse_fwd_kernel)[(n_blocks, num_splits)](
+            hidden_k, weight_k, bias_k, ids.contiguous(), params,
+            part[0], part[1], part[3] if compute_entropy else None, part[2],
             N, V, H, tiles_per_split,
             hidden_k.stride(0), hidden_k.stride(1), weight_k.stride(0), weight_k.stride(1),
-            1.0 / temperature,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
+            HAS_BIAS=bias_k is not None, HAS_ENTROPY=compute_entropy, DOT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
+    return part
+
+
+def _tiled_bwd_launch(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ids: Tensor,
+    params: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    dlogps: Optional[Tensor],
+    dentropy: Optional[Tensor],
+    filter_eps: Optional[float],
+    needs: Tuple[bool, bool, bool],
+    config: TiledConfig,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """One launch of the backward kernel into fp32 accumulators ``(dhidden, dweight, dbias)``."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    hidden_k, weight_k, bias_k, precision = _kernel_operands(hidden, weight, bias)
+    need_dhidden, need_dweight, need_dbias = needs
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dhidden = torch.zeros((N, H), **f32) if need_dhidden else None
+    dweight = torch.zeros((V, H), **f32) if need_dweight else None
+    dbias = torch.zeros((V,), **f32) if need_dbias and bias is not None else None
+    if dlogps is not None:
+        dlogps = dlogps.float().contiguous()
+    if dentropy is not None:
+        dentropy = dentropy.float().contiguous()
+        entropy = entropy.float().contiguous()
+    if N > 0 and (dlogps is not None or dentropy is not None) and (need_dhidden or need_dweight or dbias is not None):
+        grid = (triton.cdiv(N, config.block_n), triton.cdiv(V, config.block_v))
+        launchable(_linear_lse_bwd_kernel)[grid](
+            hidden_k, weight_k, bias_k, ids.contiguous(), params, lse, entropy, dlogps, dentropy,
+            dhidden, dweight, dbias,
+            N, V, H,
+            hidden_k.stride(0), hidden_k.stride(1), weight_k.stride(0), weight_k.stride(1),
+            0.0 if filter_eps is None else float(filter_eps),
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
+            HAS_BIAS=bias_k is not None, HAS_DLOGPS=dlogps is not None, HAS_DENTROPY=dentropy is not None,
+            NEED_DHIDDEN=dhidden is not None, NEED_DWEIGHT=dweight is not None, NEED_DBIAS=dbias is not None,
+            FILTER=filter_eps is not None, DOT_PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return dhidden, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops (a TiledConfig travels as its fields: an op takes no dataclass).
+# --------------------------------------------------------------------------------------
+
+
+def _config_of(block_n: int, block_v: int, block_h: int, num_splits: int, num_warps: int, num_stages: int) -> TiledConfig:
+    return TiledConfig(block_n, block_v, block_h, num_splits if num_splits > 0 else None, num_warps, num_stages)
+
+
+def _config_fields(config: TiledConfig) -> Tuple[int, ...]:
+    return (config.block_n, config.block_v, config.block_h, config.num_splits or 0, config.num_warps,
+            config.num_stages)
+
+
+@triton_op("triton_linear_tiled_fwd")
+def _tiled_fwd_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, params: Tensor, compute_entropy: bool,
+    block_n: int, block_v: int, block_h: int, num_splits: int, num_warps: int, num_stages: int,
+) -> Tensor:
+    return _tiled_fwd_launch(hidden, weight, bias, ids, params, compute_entropy,
+                             _config_of(block_n, block_v, block_h, num_splits, num_warps, num_stages))
+
+
+@triton_op("triton_linear_tiled_bwd")
+def _tiled_bwd_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, params: Tensor, lse: Tensor,
+    entropy: Optional[Tensor], dlogps: Optional[Tensor], dentropy: Optional[Tensor], filter_eps: float,
+    need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    block_n: int, block_v: int, block_h: int, num_splits: int, num_warps: int, num_stages: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dhidden, dweight, dbias = _tiled_bwd_launch(
+        hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, filter_eps if filter_eps > 0 else None,
+        (need_dhidden, need_dweight, need_dbias), _config_of(block_n, block_v, block_h, num_splits, num_warps, num_stages),
+    )
+    # An op returns tensors only, none aliasing another: a fresh empty one stands for "not computed".
+    def given(t):
+        return hidden.new_empty(0, dtype=torch.float32) if t is None else t
+
+    return given(dhidden), given(dweight), given(dbias)
+
+
+def linear_lse_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ids: Tensor,
+    params: Tensor,
+    compute_entropy: bool,
+    config: Optional[TiledConfig] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Forward of the tiled strategy.
+
+    Args:
+        hidden: ``(N, H)`` fp32 / bf16 / fp16 / fp64, any strides. weight: ``(V, H)``, any strides.
+        bias: ``(V,)`` or None. ids: ``(N,)`` integer in ``[0, V)``.
+        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the device (the temperature).
+        compute_entropy: also return the entropy.
+
+    Returns:
+        ``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (of ``z = logits / temperature``).
+    """
+    cfg = config or default_config(hidden.device)
+    part = _tiled_fwd_op(hidden, weight, bias, ids, params, bool(compute_entropy), *_config_fields(cfg))
     # Merge the splits in index order (deterministic): O(S * N), no pass over V.
+    part_max, part_sum, part_target = part[0], part[1], part[2]
     row_max = part_max.amax(0)
-    shift = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-    scale = torch.exp(part_max - shift)
-    total = (part_sum * scale).sum(0)
-    lse = shift + torch.log(total)
-    logps = part_target.sum(0) - lse
-    entropy = None
-    if compute_entropy:
-        # Each split's sum e * (z - shift_s), moved to the common shift.
-        split_shift = torch.where(part_max == float("-inf"), torch.zeros_like(part_max), part_max)
-        centered = (scale * (part_pz + (split_shift - shift) * part_sum)).sum(0)
-        entropy = torch.log(total) - centered / total
-    return logps, lse, entropy
+    sums, pz = rescale_partials(part_max, part_sum, part[3] if compute_entropy else None, row_max)
+    lse, entropy = finish_partials(row_max, sums.sum(0), None if pz is None else pz.sum(0))
+    return part_target.sum(0) - lse, lse, entropy
 
 
 def linear_lse_bwd(
@@ -322,7 +408,7 @@ def linear_lse_bwd(
     entropy: Optional[Tensor],
     dlogps: Optional[Tensor],
     dentropy: Optional[Tensor],
-    temperature: float,
+    params: Tensor,
     filter_eps: Optional[float] = None,
     config: Optional[TiledConfig] = None,
     needs: Tuple[bool, bool, bool] = (True, True, True),
@@ -330,7 +416,7 @@ def linear_lse_bwd(
     """Backward of the tiled strategy: recomputes the logit tiles.
 
     Args:
-        hidden, weight, bias, ids, temperature: as in :func:`linear_lse_fwd`.
+        hidden, weight, bias, ids, params: as in :func:`linear_lse_fwd`.
         lse / entropy: ``(N,)`` fp32 from the forward (entropy needed only with ``dentropy``).
         dlogps / dentropy: ``(N,)`` gradients of the outputs, or None (zero).
         filter_eps: skip tiles whose softmax is below it everywhere and that hold no target
@@ -343,36 +429,15 @@ def linear_lse_bwd(
         needed (dbias also without a bias).
     """
     cfg = config or default_config(hidden.device)
-    N, H = hidden.shape
-    V = weight.shape[0]
-    hidden_k, weight_k, bias_k, precision = _kernel_operands(hidden, weight, bias)
-    ids = ids.contiguous()
-    need_dhidden, need_dweight, need_dbias = needs
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    dhidden = torch.zeros((N, H), **f32) if need_dhidden else None
-    dweight = torch.zeros((V, H), **f32) if need_dweight else None
-    dbias = torch.zeros((V,), **f32) if need_dbias and bias is not None else None
-    if dlogps is not None:
-        dlogps = dlogps.float().contiguous()
-    if dentropy is not None:
-        dentropy = dentropy.float().contiguous()
-        entropy = entropy.float().contiguous()
-    if N > 0 and (dlogps is not None or dentropy is not None) and (need_dhidden or need_dweight or dbias is not None):
-        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))
-        _linear_lse_bwd_kernel[grid](
-            hidden_k, weight_k, bias_k, ids, lse, entropy, dlogps, dentropy,
-            dhidden, dweight, dbias,
-            N, V, H,
-            hidden_k.stride(0), hidden_k.stride(1), weight_k.stride(0), weight_k.stride(1),
-            1.0 / temperature, 0.0 if filter_eps is None else float(filter_eps),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-            FILTER=filter_eps is not None, DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    need_dbias = needs[2] and bias is not None
+    dhidden, dweight, dbias = _tiled_bwd_op(
+        hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy,
+        0.0 if filter_eps is None else float(filter_eps), needs[0], needs[1], need_dbias, *_config_fields(cfg),
+    )
     return (
-        None if dhidden is None else dhidden.to(hidden.dtype),
-        None if dweight is None else dweight.to(weight.dtype),
-        None if dbias is None else dbias.to(bias.dtype),
+        dhidden.to(hidden.dtype) if needs[0] else None,
+        dweight.to(weight.dtype) if needs[1] else None,
+        dbias.to(bias.dtype) if need_dbias else None,
     )
 
 
@@ -383,30 +448,28 @@ def linear_lse_bwd(
 
 @dataclasses.dataclass(frozen=True)
 class _TiledState:
-    temperature: float
     filter_eps: Optional[float]
     config: Optional[TiledConfig]
-    has_bias: bool
 
 
 class LinearLogSoftmaxTiled(torch.autograd.Function):
-    """``(hidden (N, H), weight (V, H), bias, ids (N,)) -> (logps (N,), entropy (N,) or None)``."""
+    """``(hidden (N, H), weight (V, H), bias, ids (N,), params) -> (logps (N,), entropy (N,) or None)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, compute_entropy, filter_eps, config):
-        logps, lse, entropy = linear_lse_fwd(hidden, weight, bias, ids, temperature, compute_entropy, config)
+    def forward(ctx, hidden, weight, bias, ids, params, compute_entropy, filter_eps, config):
+        logps, lse, entropy = linear_lse_fwd(hidden, weight, bias, ids, params, compute_entropy, config)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
-        ctx.state = _TiledState(temperature, filter_eps, config, bias is not None)
+        ctx.save_for_backward(hidden, weight, bias, ids, params, lse, entropy)
+        ctx.state = _TiledState(filter_eps, config)
         out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return logps.to(out_dtype), None if entropy is None else entropy.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dlogps, dentropy):
-        hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, ids, params, lse, entropy = ctx.saved_tensors
         s: _TiledState = ctx.state
         dhidden, dweight, dbias = linear_lse_bwd(
-            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, s.temperature, s.filter_eps, s.config,
+            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, s.filter_eps, s.config,
             needs=tuple(ctx.needs_input_grad[:3]),
         )
         return dhidden, dweight, dbias, None, None, None, None, None
@@ -416,7 +479,7 @@ def linear_log_softmax_tiled(
     hidden: Tensor,
     weight: Tensor,
     ids: Tensor,
-    temperature: float = 1.0,
+    params: Tensor,
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
     filter_eps: Optional[float] = None,
@@ -426,7 +489,8 @@ def linear_log_softmax_tiled(
 
     Args:
         hidden: ``(..., H)`` float. weight: ``(V, H)``. ids: ``(...)`` integer in ``[0, V)``.
-        temperature: divides the logits (default 1.0). bias: ``(V,)`` or None.
+        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the device (the temperature).
+        bias: ``(V,)`` or None.
         compute_entropy: also return the entropy (default False).
         filter_eps: gradient filtering threshold (approximate gradients); None (default) = off.
             :data:`DEFAULT_FILTER_EPS` is a sensible value for bf16 training.
@@ -439,6 +503,6 @@ def linear_log_softmax_tiled(
     lead = hidden.shape[:-1]
     logps, entropy = LinearLogSoftmaxTiled.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1),
-        float(temperature), bool(compute_entropy), filter_eps, config,
+        params, bool(compute_entropy), filter_eps, config,
     )
     return logps.view(lead), None if entropy is None else entropy.view(lead)

@@ -6,6 +6,7 @@ needs the extension builds it (JIT, cached by torch.utils.cpp_extension).
 """
 
 import itertools
+import os
 import shutil
 import warnings
 
@@ -16,6 +17,7 @@ import grpo_fused as gf
 from grpo_fused import _cpp_build, _dispatch
 from grpo_fused import reference as ref
 from grpo_fused.backends import cpp as cpp_backend
+from grpo_fused.semantics import LossBatch, vocab_values
 
 # Value / gradient tolerances per input dtype (absolute, on O(1) quantities). fp32: the kernel
 # multiplies by 1/T instead of dividing and sums in a different order; bf16 / fp16: the
@@ -298,10 +300,9 @@ def test_inputs_are_not_modified():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_grpo_loss_matches_reference(dtype, with_bias, monkeypatch):
+def test_linear_grpo_loss_matches_reference(dtype, with_bias):
     # Chunks of 4 tokens over N = 15: four chunks, the last one short.
     B, T, H, V = 3, 5, 24, 301
-    monkeypatch.setattr(cpp_backend, "LINEAR_CHUNK_BYTES", 4 * V * 4)
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).to(dtype)
     weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
@@ -314,7 +315,7 @@ def test_linear_grpo_loss_matches_reference(dtype, with_bias, monkeypatch):
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
     got = gf.linear_grpo_loss(leaves[0], leaves[1], ids, adv, mask, old, bias=leaves[2] if with_bias else None,
-                              config=cfg, strategy="chunked", backend="cpp")
+                              config=cfg, strategy="chunked", chunk_size=4, backend="cpp")
     got.loss.backward()
     truth = [t.detach().double().requires_grad_() for t in leaves]
     want = ref.linear_grpo_loss(truth[0], truth[1], ids, adv, mask, old, bias=truth[2] if with_bias else None,
@@ -354,9 +355,17 @@ def test_linear_strategy_tiled_is_refused():
         gf.linear_log_softmax(hidden, weight, ids, strategy="tiled", backend="cpp")
 
 
-def test_linear_chunking_holds_one_chunk():
-    assert cpp_backend._chunk_rows(10**6, 151936) == cpp_backend.LINEAR_CHUNK_BYTES // (4 * 151936)
-    assert cpp_backend._chunk_rows(3, 10) == 3
+def test_param_slots_and_scale_codes_match_the_cpp_header():
+    # csrc/params.h repeats the codes the C++ ops read; they must be the semantics layer's.
+    import re
+
+    from grpo_fused import semantics
+
+    header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "params.h")).read()
+    assert int(re.search(r"kSlotInvTemperature = (\d+)", header).group(1)) == semantics.Slot.INV_TEMPERATURE
+    assert int(re.search(r"kNumSlots = (\d+)", header).group(1)) == semantics.NUM_SLOTS
+    codes = dict(re.findall(r"kScale(\w+) = (\d+)", header))
+    assert {name.lower(): int(v) for name, v in codes.items()} == {n: int(s) for n, s in semantics.ADVANTAGE_SCALES.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -459,7 +468,7 @@ def test_torch_compile_fullgraph_through_the_cpp_op():
     # The backend function itself: what must trace is the C++ op and the token math around it
     # (tests/test_dispatch.py compiles the public API, dispatcher included).
     def step(x):
-        out = cpp_backend.grpo_loss(x, ids, adv, mask, old, refl, config=cfg)
+        out = cpp_backend.grpo_loss(x, LossBatch(ids, adv, mask, old, refl), cfg.params)
         return out.loss
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -482,16 +491,19 @@ def test_torch_compile_fullgraph_through_the_cpp_op():
 def test_the_ops_check_their_arguments():
     ops = torch.ops.grpo_fused_cpp
     logits = torch.randn(4, 10)
+    params = vocab_values(1.0)
+    with pytest.raises(RuntimeError, match="params must be a contiguous \\(12,\\) float64 CPU tensor"):
+        ops.logits_fwd(logits, torch.zeros(4, dtype=torch.long), params.float(), False)
     with pytest.raises(RuntimeError, match="ids must be"):
-        ops.logits_fwd(logits, torch.zeros(4, dtype=torch.int32), 1.0, False)
+        ops.logits_fwd(logits, torch.zeros(4, dtype=torch.int32), params, False)
     with pytest.raises(RuntimeError, match="ids must be contiguous \\(4,\\)"):
-        ops.logits_fwd(logits, torch.zeros(3, dtype=torch.long), 1.0, False)
+        ops.logits_fwd(logits, torch.zeros(3, dtype=torch.long), params, False)
     with pytest.raises(RuntimeError, match="ids must lie in \\[0, 10\\), found 10"):
-        ops.logits_fwd(logits, torch.tensor([0, 1, 10, 2]), 1.0, False)
+        ops.logits_fwd(logits, torch.tensor([0, 1, 10, 2]), params, False)
     with pytest.raises(RuntimeError, match="logits must be"):
-        ops.logits_fwd(torch.randn(10), torch.zeros(1, dtype=torch.long), 1.0, False)
+        ops.logits_fwd(torch.randn(10), torch.zeros(1, dtype=torch.long), params, False)
     with pytest.raises(RuntimeError, match="weight must be"):
-        ops.linear_fwd(torch.randn(4, 3), torch.randn(10, 5), None, torch.zeros(4, dtype=torch.long), 1.0, False, 2)
+        ops.linear_fwd(torch.randn(4, 3), torch.randn(10, 5), None, torch.zeros(4, dtype=torch.long), params, False, 2)
     with pytest.raises(RuntimeError, match="group_index must lie"):
         ops.group_advantages(torch.randn(4), torch.tensor([0, 1, 2, 9]), 3, torch.empty(0, dtype=torch.bool), 0, True,
                              1e-4)

@@ -60,7 +60,7 @@ def test_auto_uses_a_backend_that_implements_the_op(monkeypatch):
     monkeypatch.setattr(_dispatch, "_module", lambda name: stub if name == "cpp" else real(name))
     logits, ids, adv = _args()
     assert gf.grpo_loss(logits, ids, adv) == "stub"
-    assert calls and isinstance(calls[0]["config"], gf.GRPOConfig)
+    assert calls and "inplace_backward" in calls[0]
 
 
 def test_missing_op_is_reported(monkeypatch):
@@ -125,7 +125,7 @@ def test_linear_strategy_options_are_checked():
     cases = [
         (dict(filter_eps=1e-3), "filter_eps (gradient filtering) applies to strategy='tiled' only"),
         (dict(strategy="tiled", chunk_size=4), "chunk_size applies to strategy='chunked'"),
-        (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(chunk_size=0), "chunk_size must be None or a positive int"),
         (dict(strategy="tiled", filter_eps=2.0), "filter_eps must be a number in (0, 1)"),
         (dict(chunk_size=4, backend="reference"), "chunk_size tunes a fused backend"),
     ]

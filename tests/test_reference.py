@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import grpo_fused as gf
-from grpo_fused import GRPOConfig, reference
+from grpo_fused import GRPOConfig, reference, semantics
 
 ALL_LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "gmpo", "gpg"]
 
@@ -30,7 +30,7 @@ def _token_loss(loss_type, log_ratio, adv, logp=-1.0, **cfg):
     logps = torch.tensor([[logp]], dtype=torch.float64)
     old = logps - log_ratio
     config = GRPOConfig(loss_type=loss_type, **cfg)
-    loss, _ = reference.policy_token_loss(logps, old, torch.tensor([[adv]], dtype=torch.float64), torch.ones(1, 1), config)
+    loss, _ = semantics.policy_token_loss(logps, old, torch.tensor([[adv]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), config.params)
     return loss.item()
 
 
@@ -69,8 +69,8 @@ def test_gmpo_by_hand():
     old = logps - torch.tensor([[0.5, -0.1]], dtype=torch.float64)
     cfg = GRPOConfig(loss_type="gmpo", epsilon_low=0.4)
     mask = torch.ones(1, 2, dtype=torch.float64)
-    pos, _ = reference.policy_token_loss(logps, old, torch.tensor([[1.0]], dtype=torch.float64), mask, cfg)
-    neg, _ = reference.policy_token_loss(logps, old, torch.tensor([[-1.0]], dtype=torch.float64), mask, cfg)
+    pos, _ = semantics.policy_token_loss(logps, old, torch.tensor([[1.0]], dtype=torch.float64), mask, cfg.params)
+    neg, _ = semantics.policy_token_loss(logps, old, torch.tensor([[-1.0]], dtype=torch.float64), mask, cfg.params)
     assert pos.item() == pytest.approx(-math.exp(0.15), rel=1e-7)
     # A < 0: the sign-aware clip keeps 0.5 (larger loss) and clips nothing: exp(0.4 / 2).
     assert neg.item() == pytest.approx(math.exp(0.2), rel=1e-7)
@@ -80,14 +80,14 @@ def test_kl_estimators_by_hand():
     logp = torch.tensor([-1.0], dtype=torch.float64)
     ref = logp + math.log(2.0)  # ref - logp = ln 2
     d = math.log(2.0)
-    assert reference.kl_estimate(logp, ref, "k3").item() == pytest.approx(2 - d - 1, rel=1e-12)
-    assert reference.kl_estimate(logp, ref, "k1").item() == pytest.approx(-d, rel=1e-12)
-    assert reference.kl_estimate(logp, ref, "k2").item() == pytest.approx(0.5 * d * d, rel=1e-12)
-    assert reference.kl_estimate(logp, ref, "abs").item() == pytest.approx(d, rel=1e-12)
+    assert semantics.kl_estimate(logp, ref, "k3").item() == pytest.approx(2 - d - 1, rel=1e-12)
+    assert semantics.kl_estimate(logp, ref, "k1").item() == pytest.approx(-d, rel=1e-12)
+    assert semantics.kl_estimate(logp, ref, "k2").item() == pytest.approx(0.5 * d * d, rel=1e-12)
+    assert semantics.kl_estimate(logp, ref, "abs").item() == pytest.approx(d, rel=1e-12)
     # low_var_kl clamps the log ratio to [-20, 20] and the result to [-10, 10].
     far = logp + 30.0
-    assert reference.kl_estimate(logp, far, "low_var_kl").item() == 10.0
-    assert reference.kl_estimate(logp, far, "k3").item() == pytest.approx(math.exp(30) - 31, rel=1e-12)
+    assert semantics.kl_estimate(logp, far, "low_var_kl").item() == 10.0
+    assert semantics.kl_estimate(logp, far, "k3").item() == pytest.approx(math.exp(30) - 31, rel=1e-12)
 
 
 REDUCTION_CASES = [
@@ -113,7 +113,7 @@ REDUCTION_CASES = [
 def test_reductions_by_hand(cfg, kwargs, expected):
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
-    got = reference.reduce_loss(per_token, mask, GRPOConfig(**cfg), **kwargs)
+    got = semantics.reduce_loss(per_token, mask, GRPOConfig(**cfg).params.spec, **kwargs)
     assert got.item() == pytest.approx(expected, rel=1e-7)
 
 
@@ -131,7 +131,7 @@ def test_reductions_by_hand(cfg, kwargs, expected):
 def test_verl_sequence_means_skip_empty_sequences(cfg, kwargs, expected):
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    got = reference.reduce_loss(per_token, mask, GRPOConfig(**cfg), **kwargs)
+    got = semantics.reduce_loss(per_token, mask, GRPOConfig(**cfg).params.spec, **kwargs)
     assert got.item() == pytest.approx(expected, rel=1e-7)
 
 
@@ -272,7 +272,7 @@ def test_sequence_level_ratio_is_the_masked_geometric_mean():
     logps = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
     old = torch.tensor([[-1.3, -2.1, -9.0]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
-    log_r = reference.importance_log_ratio(logps, old, mask, "sequence")
+    log_r = semantics.importance_log_ratio(logps, old, mask, sequence_level=True)
     assert log_r.shape == (1, 1)
     assert log_r.item() == pytest.approx((0.3 + 0.1) / 2, rel=1e-12)
 

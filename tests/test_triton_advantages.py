@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import grpo_fused as gf
-from grpo_fused import reference
+from grpo_fused import reference, semantics
 
 from conftest import DEVICE, has_triton
 
@@ -59,7 +59,7 @@ def check_against_reference(rewards, **kwargs):
         assert torch.equal(kwargs[k].cpu().nan_to_num(7.0), v.cpu().nan_to_num(7.0)), k
 
     ref_adv, ref_stats = reference.group_advantages(rewards, **kwargs)
-    compute = reference.compute_dtype(rewards.dtype)
+    compute = semantics.compute_dtype(rewards.dtype)
     truth_kwargs = dict(kwargs)
     if kwargs.get("reward_weights") is not None:
         # Weights rounded to the compute dtype are part of the spec, not an error.

@@ -37,7 +37,8 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-# The four files with Triton kernels; linear_chunked / linear_grpo have none of their own.
+# The four files with Triton kernels of their own (linear_chunked reuses the vocab kernels; common
+# holds the shared row pass, a jit function, not a kernel).
 KERNEL_MODULES = ("selective_log_softmax", "grpo_logits", "linear_tiled", "group_advantages")
 TARGET = ("cuda", 90, 32)
 CHILD_TIMEOUT_S = 600
@@ -67,11 +68,14 @@ def _vocab_pass(dtype_name: str, entropy: bool, dentropy: bool, vocab: int = VOC
             # Rows of V - 1 starting one element into the buffer: no 16-byte alignment anywhere.
             logits = logits[..., 1:]
         ids = torch.zeros(B, T, dtype=torch.int64 if not misaligned else torch.int32)
-        logps, lse, ent = S.vocab_fwd(logits, ids, 0.7, entropy)
+        from grpo_fused.semantics import vocab_values
+
+        params = vocab_values(0.7)
+        logps, lse, ent = S.vocab_fwd(logits, ids, params, entropy)
         if dentropy and ent is None:
             ent = torch.zeros_like(lse)
         S.vocab_bwd(logits, ids, lse, torch.ones_like(lse), torch.ones_like(lse) if dentropy else None,
-                    ent if dentropy else None, 0.7)
+                    ent if dentropy else None, params)
 
     return run
 
@@ -80,7 +84,7 @@ def _grpo_pass(dtype_name: str, with_old: bool, with_ref: bool, with_is: bool, v
     def run(m):
         import torch
 
-        from grpo_fused.config import GRPOConfig
+        from grpo_fused import GRPOConfig
 
         G = m["grpo_logits"]
         dtype = getattr(torch, dtype_name)
@@ -88,14 +92,15 @@ def _grpo_pass(dtype_name: str, with_old: bool, with_ref: bool, with_is: bool, v
         N = 7
         logits = torch.zeros(N, vocab, dtype=dtype)
         ids = torch.zeros(N, dtype=torch.int64)
-        cfg = GRPOConfig(**config)
+        spec = GRPOConfig(**config).params.spec
         per_token = torch.zeros(N, dtype=acc)
         G.grpo_fwd(
-            logits, ids, per_token, torch.ones(N, dtype=acc), cfg,
+            logits, ids, GRPOConfig(**config).params.values, per_token, torch.ones(N, dtype=acc),
+            int(spec.loss_type.surrogate), None if spec.kl is None else int(spec.kl), int(spec.options),
             old_logps=per_token.clone() if with_old else None,
             ref_logps=per_token.clone() if with_ref else None,
             is_weights=torch.ones(N, dtype=acc) if with_is else None,
-            entropy_weights=torch.ones(N, dtype=acc) if cfg.entropy_coef != 0.0 else None,
+            entropy_weights=torch.ones(N, dtype=acc) if spec.entropy_bonus else None,
         )
 
     return run
@@ -113,13 +118,16 @@ def _linear_pass(dtype_name: str, bias: bool, entropy: bool, dlogps: bool, dentr
         weight = torch.zeros(V, H, dtype=dtype)
         b = torch.zeros(V, dtype=dtype) if bias else None
         ids = torch.zeros(N, dtype=torch.int64)
-        _, lse, ent = L.linear_lse_fwd(hidden, weight, b, ids, 1.3, entropy, cfg)
+        from grpo_fused.semantics import vocab_values
+
+        params = vocab_values(1.3)
+        _, lse, ent = L.linear_lse_fwd(hidden, weight, b, ids, params, entropy, cfg)
         if ent is None:
             ent = torch.zeros_like(lse)
         L.linear_lse_bwd(
             hidden, weight, b, ids, lse, ent,
             torch.ones_like(lse) if dlogps else None, torch.ones_like(lse) if dentropy else None,
-            1.3, filter_eps, cfg, needs=needs,
+            params, filter_eps, cfg, needs=needs,
         )
 
     return run
@@ -145,7 +153,7 @@ def _groups_pass(dtype_name: str, k: int, how: str, group_size: int, scale: str,
         keep_mask = None if keep is None else torch.ones(B, dtype=getattr(torch, keep))
         A.group_stats(
             rewards, torch.ones(k, dtype=dtype) if weights else None, keep_mask, offsets, perm,
-            num_groups, size or 0, A.SCALE_MODES[scale], 1, 1e-4,
+            num_groups, size or 0, int(A.ADVANTAGE_SCALES[scale]), 1, 1e-4,
         )
 
     return run

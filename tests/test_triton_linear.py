@@ -17,14 +17,34 @@ import torch
 
 import grpo_fused as gf
 from grpo_fused import reference as R
-from grpo_fused.config import GRPOConfig
+from grpo_fused import GRPOConfig
 
 from conftest import DEVICE
 
 pytest.importorskip("triton")
 
-from grpo_fused.kernels import linear_chunked, linear_tiled  # noqa: E402
-from grpo_fused.kernels.linear_grpo import linear_grpo_loss, linear_log_softmax, resolve_strategy  # noqa: E402
+from grpo_fused.backends.triton import resolve_strategy  # noqa: E402
+from grpo_fused.kernels import linear_chunked, linear_tiled, splits  # noqa: E402
+from grpo_fused.semantics import vocab_values  # noqa: E402
+
+
+def temp(temperature):
+    """The kernels' hyperparameter vector for a temperature, on the test device."""
+    return vocab_values(temperature).to(DEVICE)
+
+
+def linear_log_softmax(h, w, ids, temperature=1.0, b=None, compute_entropy=False, strategy="auto", *,
+                       chunk_size=None, vocab_slice=None, filter_eps=None):
+    """A strategy's vocab pass, called directly (``vocab_slice`` is not part of the public API)."""
+    if resolve_strategy(strategy) == "tiled":
+        return linear_tiled.linear_log_softmax_tiled(h, w, ids, temp(temperature), b, compute_entropy, filter_eps)
+    return linear_chunked.linear_log_softmax_chunked(h, w, ids, temp(temperature), b, compute_entropy, chunk_size,
+                                                     vocab_slice)
+
+
+def linear_grpo_loss(config, strategy, **inputs):
+    """The public linear loss on the Triton backend."""
+    return gf.linear_grpo_loss(config=config, strategy=strategy, backend="triton", **inputs)
 
 STRATEGIES = ("chunked", "tiled")
 B, T, H, V = 3, 5, 40, 257
@@ -339,11 +359,11 @@ def test_tiled_vocab_splits_merge():
     truth = R.linear_log_softmax(hidden.double(), weight.double(), ids, 1.0, b.double(), True)
     for splits in (1, 3, 5):
         cfg = linear_tiled.TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=splits, num_warps=4)
-        logps, lse, entropy = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, 1.0, True, cfg)
+        logps, lse, entropy = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, temp(1.0), True, cfg)
         assert _max_err(logps, truth[0]) <= 2e-5 * _scale(truth[0])
         assert _max_err(entropy, truth[1]) <= 2e-5 * _scale(truth[1])
         # Same split count, same bits: the merge order is fixed.
-        again = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, 1.0, True, cfg)
+        again = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, temp(1.0), True, cfg)
         assert all(torch.equal(x, y) for x, y in zip((logps, lse, entropy), again))
 
 
@@ -354,7 +374,7 @@ def test_tiled_gradient_filtering():
     hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=12, logit_scale=12.0)
 
     def tiled(filter_eps):
-        return _grads(lambda h, w, bb: linear_tiled.linear_log_softmax_tiled(h, w, ids, 1.0, bb, True, filter_eps, cfg),
+        return _grads(lambda h, w, bb: linear_tiled.linear_log_softmax_tiled(h, w, ids, temp(1.0), bb, True, filter_eps, cfg),
                       hidden, weight, b)
 
     exact = tiled(None)
@@ -380,23 +400,24 @@ def test_tiled_gradient_filtering():
 
 def test_chunk_rows_from_shapes():
     # Qwen2.5-7B head in bf16: fp32 logits + bf16 dlogits = 6 bytes a logit.
-    assert linear_chunked.logit_bytes(torch.bfloat16) == 6
-    assert linear_chunked.logit_bytes(torch.float32) == 4
+    assert splits.logit_bytes(torch.bfloat16) == 6
+    assert splits.logit_bytes(torch.float32) == 4
     # 512 MiB of them is 588 tokens, rounded down to 576, whatever N.
-    assert linear_chunked.chunk_rows(16384, 151936, 6) == 576
-    assert linear_chunked.chunk_rows(131072, 151936, 6) == 576
+    assert splits.chunk_rows(16384, 151936, 6) == 576
+    assert splits.chunk_rows(131072, 151936, 6) == 576
     # The weight pass's vocab slices at N = 16384: 5461 columns -> 5456.
-    assert linear_chunked.chunk_rows(151936, 16384, 6) == 5456
+    assert splits.chunk_rows(151936, 16384, 6) == 5456
     # Few tokens: one chunk of all of them. A huge vocab: never below 16 tokens.
-    assert linear_chunked.chunk_rows(10, 257, 4) == 10
-    assert linear_chunked.chunk_rows(1000, 2**24, 4) == 16
+    assert splits.chunk_rows(10, 257, 4) == 10
+    assert splits.chunk_rows(1000, 2**24, 4) == 16
 
 
 def test_resolve_strategy():
     assert resolve_strategy("auto") == "chunked"
     assert resolve_strategy("tiled") == "tiled"
     with pytest.raises(ValueError, match="strategy"):
-        resolve_strategy("dense")
+        gf.linear_log_softmax(torch.zeros(2, 4, device=DEVICE), torch.zeros(3, 4, device=DEVICE),
+                              torch.zeros(2, dtype=torch.long, device=DEVICE), strategy="dense", backend="triton")
 
 
 # --------------------------------------------------------------------------------------

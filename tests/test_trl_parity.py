@@ -15,7 +15,7 @@ import torch
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is part of the test extra")
 
-from grpo_fused import GRPOConfig, reference  # noqa: E402
+from grpo_fused import GRPOConfig, reference, semantics  # noqa: E402
 
 TRL_LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo"]
 
@@ -121,8 +121,8 @@ def test_reference_matches_trl_compute_loss(seed, case):
     trl_loss.backward()
 
     our_logps = logps.detach().clone().requires_grad_(True)
-    loss, metrics = reference.grpo_loss_from_logps(
-        our_logps, adv, mask.to(torch.float64), old, ref, cfg, entropy=entropy,
+    loss, metrics = semantics.grpo_loss_from_logps(
+        our_logps, adv, mask.to(torch.float64), cfg.params, old, ref, entropy=entropy,
         is_weights=is_ratio if use_is else None, num_items_in_batch=num_items,
     )
     loss.backward()
@@ -157,7 +157,7 @@ def test_entropy_bonus_and_eval_mode_match_trl(loss_type):
         trl_loss.backward()
         our_logps = logps.detach().clone().requires_grad_(True)
         our_ent = entropy.detach().clone().requires_grad_(True)
-        loss, _ = reference.grpo_loss_from_logps(our_logps, adv, mask.double(), old, ref, cfg,
+        loss, _ = semantics.grpo_loss_from_logps(our_logps, adv, mask.double(), cfg.params, old, ref,
                                                  entropy=our_ent, num_items_in_batch=num_items)
         loss.backward()
         torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-12)

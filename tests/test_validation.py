@@ -68,8 +68,8 @@ CONFIG_CASES = [
     (dict(epsilon_low=-0.1), "epsilon_low must be >= 0"),
     (dict(clip_ratio_c=0.9), "clip_ratio_c must be > 1"),
     (dict(delta=-1.0), "delta must be > 0"),
-    (dict(loss_agg_mode="token-sum"), "loss_agg_mode must be None or one of"),
-    (dict(max_completion_length=0), "max_completion_length must be a positive int"),
+    (dict(loss_agg_mode="token-sum"), "loss_agg_mode must be one of"),
+    (dict(max_completion_length=0), "max_completion_length must be >= 1"),
     (dict(beta="0.1"), "beta must be a float"),
 ]
 
@@ -123,7 +123,7 @@ def test_group_advantages_rejects_bad_input():
         (lambda: gf.group_advantages(r, group_offsets=torch.tensor([0, 4, 7])), "group_offsets must rise from 0 to 8"),
         (lambda: gf.group_advantages(r, 4, reward_weights=torch.ones(2)), "reward_weights must have shape (K,)"),
         (lambda: gf.group_advantages(r, 4, keep_mask=torch.ones(3, dtype=torch.bool)), "keep_mask must have shape (8,)"),
-        (lambda: gf.group_advantages(r, 4, scale="std"), "scale must be 'group', 'batch' or 'none'"),
+        (lambda: gf.group_advantages(r, 4, scale="std"), "scale must be one of ('group', 'batch', 'none')"),
         (lambda: gf.group_advantages(r.long(), 4), "rewards must be float32"),
     ]
     for fn, message in cases:

@@ -10,10 +10,12 @@ What runs in C++ (``csrc/``):
   (GEMM, then the row kernel on the chunk in place); one chunk of fp32 logits at a time.
 * ``group_advantages``: segmented mean / std and the advantages.
 
-The O(B*T) GRPO token math (ratio, clipping, KL, reduction, metrics) is
-:func:`grpo_fused.reference.grpo_loss_from_logps` applied to the ``(B, T)`` log-probs the C++
-op returns; autograd composes it with the op's registered backward. So every option of the spec
-behaves exactly as the reference's.
+Every op reads the temperature from ``params``, the float64 hyperparameter vector of
+:class:`grpo_fused.semantics.Slot` (``csrc/params.h``), so a new temperature is data, not a new
+traced graph. The O(B*T) GRPO token math (ratio, clipping, KL, reduction, metrics) is the
+semantics layer's :func:`grpo_fused.semantics.grpo_output` applied to the ``(B, T)`` log-probs the
+C++ op returns; autograd composes it with the op's registered backward. So every option of the
+spec behaves exactly as the reference's.
 
 The ops are registered with ``torch.library`` (fake kernels and autograd formulas below), so
 ``torch.compile(fullgraph=True)`` traces through them.
@@ -27,9 +29,10 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _cpp_build
-from .. import reference as _ref
-from ..config import GRPOConfig
-from ..reference import GRPOOutput, GroupStats
+from .._dispatch import LINEAR_STRATEGIES
+from ..kernels.splits import chunk_rows
+from ..semantics import ADVANTAGE_SCALES, GroupStats, GRPOOutput, LossBatch, LossParams, compute_dtype, grpo_output, vocab_values
+from ..reference import combine_rewards, group_index_from
 
 Tensor = torch.Tensor
 
@@ -42,10 +45,6 @@ __all__ = [
     "group_advantages",
 ]
 
-# Tokens per GEMM chunk of the linear ops: enough rows to keep the GEMM efficient, few enough
-# that the fp32 chunk of logits (rows x V x 4 bytes) stays near this many bytes.
-LINEAR_CHUNK_BYTES = 256 * 2**20
-LINEAR_STRATEGIES = ("auto", "chunked")
 _registered = False
 
 
@@ -63,10 +62,6 @@ def _ops():
     return torch.ops.grpo_fused_cpp
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------------------
 # Fake kernels and autograd formulas of the C++ ops.
 # --------------------------------------------------------------------------------------
@@ -76,9 +71,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 class _LogSoftmaxState:
     """Non-tensor state the backward needs (the tensors go through ``save_for_backward``)."""
 
-    inv_temperature: float
     compute_entropy: bool
-    inplace: bool = False
     chunk_rows: int = 0
 
 
@@ -89,29 +82,30 @@ def _rows_of(features: Tensor) -> int:
     return n
 
 
-def _logits_fwd_fake(logits, ids, inv_temperature, compute_entropy):
+def _logits_fwd_fake(logits, ids, params, compute_entropy):
     rows = _rows_of(logits)
-    acc = _acc_dtype(logits.dtype)
+    acc = compute_dtype(logits.dtype)
     entropy_rows = rows if compute_entropy else 0
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc), logits.new_empty(entropy_rows, dtype=acc)
 
 
-def _logits_bwd_fake(grad_logps, grad_entropy, logits, ids, lse, entropy, inv_temperature):
+def _logits_bwd_fake(grad_logps, grad_entropy, logits, ids, lse, entropy, params):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _logits_bwd_inplace_fake(grad_logps, grad_entropy, logits, ids, lse, entropy, inv_temperature):
+def _logits_bwd_inplace_fake(grad_logps, grad_entropy, logits, ids, lse, entropy, params):
     return None
 
 
-def _linear_fwd_fake(hidden, weight, bias, ids, inv_temperature, compute_entropy, chunk_rows):
-    return _logits_fwd_fake(hidden, ids, inv_temperature, compute_entropy)
+def _linear_fwd_fake(hidden, weight, bias, ids, params, compute_entropy, chunk_rows):
+    return _logits_fwd_fake(hidden, ids, params, compute_entropy)
 
 
-def _linear_bwd_fake(grad_logps, grad_entropy, hidden, weight, bias, ids, lse, entropy, inv_temperature, chunk_rows,
+def _linear_bwd_fake(grad_logps, grad_entropy, hidden, weight, bias, ids, lse, entropy, params, chunk_rows,
                      compute_dweight, compute_dbias):
     dweight = torch.empty_like(weight) if compute_dweight else weight.new_empty(0, 0)
-    dbias = torch.empty_like(bias) if (compute_dbias and bias is not None) else hidden.new_empty(0, dtype=_acc_dtype(hidden.dtype))
+    dbias = (torch.empty_like(bias) if (compute_dbias and bias is not None)
+             else hidden.new_empty(0, dtype=compute_dtype(hidden.dtype)))
     return torch.empty_like(hidden), dweight, dbias
 
 
@@ -134,56 +128,42 @@ def _entropy_grad(grad_entropy: Optional[Tensor], state: _LogSoftmaxState, like:
 
 
 def _logits_setup_context(ctx, inputs, output):
-    logits, ids, inv_temperature, compute_entropy = inputs
+    logits, ids, params, compute_entropy = inputs
     _, lse, entropy = output
-    ctx.save_for_backward(logits, ids, lse, entropy)
-    ctx.state = _LogSoftmaxState(inv_temperature, compute_entropy)
+    ctx.save_for_backward(logits, ids, params, lse, entropy)
+    ctx.state = _LogSoftmaxState(compute_entropy)
 
 
 def _logits_backward(ctx, grad_logps, grad_lse, grad_entropy):
-    logits, ids, lse, entropy = ctx.saved_tensors
-    state = ctx.state
+    logits, ids, params, lse, entropy = ctx.saved_tensors
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
     dlogits = _ops().logits_bwd(
-        grad_logps.contiguous(), _entropy_grad(grad_entropy, state, lse), logits, ids, lse, entropy, state.inv_temperature
+        grad_logps.contiguous(), _entropy_grad(grad_entropy, ctx.state, lse), logits, ids, lse, entropy, params
     )
     return dlogits, None, None, None
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, inv_temperature, compute_entropy, chunk_rows = inputs
+    hidden, weight, bias, ids, params, compute_entropy, chunk_rows = inputs
     _, lse, entropy = output
-    ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
-    ctx.state = _LogSoftmaxState(inv_temperature, compute_entropy, chunk_rows=chunk_rows)
+    ctx.save_for_backward(hidden, weight, bias, ids, params, lse, entropy)
+    ctx.state = _LogSoftmaxState(compute_entropy, chunk_rows=chunk_rows)
 
 
 def _linear_backward(ctx, grad_logps, grad_lse, grad_entropy):
-    hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, ids, params, lse, entropy = ctx.saved_tensors
     state = ctx.state
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
+    need_dweight = ctx.needs_input_grad[1]
+    need_dbias = bias is not None and ctx.needs_input_grad[2]
     dhidden, dweight, dbias = _ops().linear_bwd(
-        grad_logps.contiguous(),
-        _entropy_grad(grad_entropy, state, lse),
-        hidden,
-        weight,
-        bias,
-        ids,
-        lse,
-        entropy,
-        state.inv_temperature,
-        state.chunk_rows,
-        ctx.needs_input_grad[1],
-        bias is not None and ctx.needs_input_grad[2],
+        grad_logps.contiguous(), _entropy_grad(grad_entropy, state, lse), hidden, weight, bias, ids, lse, entropy,
+        params, state.chunk_rows, need_dweight, need_dbias,
     )
     # A frozen lm_head (weight.requires_grad False) skips the dweight GEMM, a third of the backward.
-    return (
-        dhidden,
-        dweight if ctx.needs_input_grad[1] else None,
-        dbias if (bias is not None and ctx.needs_input_grad[2]) else None,
-        None, None, None, None,
-    )
+    return dhidden, dweight if need_dweight else None, dbias if need_dbias else None, None, None, None, None
 
 
 def _register_python_parts() -> None:
@@ -210,28 +190,26 @@ class _InplaceLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, inv_temperature, compute_entropy):
-        logps, lse, entropy = _ops().logits_fwd(logits, ids, inv_temperature, compute_entropy)
-        ctx.save_for_backward(logits, ids, lse, entropy)
-        ctx.state = _LogSoftmaxState(inv_temperature, compute_entropy, inplace=True)
+    def forward(ctx, logits, ids, params, compute_entropy):
+        logps, lse, entropy = _ops().logits_fwd(logits, ids, params, compute_entropy)
+        ctx.save_for_backward(logits, ids, params, lse, entropy)
+        ctx.state = _LogSoftmaxState(compute_entropy)
         ctx.mark_non_differentiable(lse)
         return logps, lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, grad_lse, grad_entropy):
-        logits, ids, lse, entropy = ctx.saved_tensors
-        state = ctx.state
+        logits, ids, params, lse, entropy = ctx.saved_tensors
         if grad_logps is None:
             grad_logps = torch.zeros_like(lse)
         _ops().logits_bwd_inplace(
-            grad_logps.contiguous(), _entropy_grad(grad_entropy, state, lse), logits, ids, lse, entropy,
-            state.inv_temperature,
+            grad_logps.contiguous(), _entropy_grad(grad_entropy, ctx.state, lse), logits, ids, lse, entropy, params
         )
         return logits, None, None, None
 
 
 # --------------------------------------------------------------------------------------
-# Entry points (signatures of the reference functions of the same names).
+# Entry points (the signatures of grpo_fused.backends.reference).
 # --------------------------------------------------------------------------------------
 
 
@@ -246,137 +224,66 @@ def _as_rows(features: Tensor) -> Tensor:
     return features
 
 
-def _log_softmax(logits: Tensor, ids: Tensor, temperature: float, compute_entropy: bool, inplace: bool):
+def _log_softmax(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, inplace: bool):
     out_shape = ids.shape
     rows = _as_rows(logits)
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
-    inv_temperature = 1.0 / float(temperature)
     if inplace and rows.requires_grad:
-        logps, _, entropy = _InplaceLogSoftmax.apply(rows, flat_ids, inv_temperature, compute_entropy)
+        logps, _, entropy = _InplaceLogSoftmax.apply(rows, flat_ids, params, compute_entropy)
     else:
-        logps, _, entropy = _ops().logits_fwd(rows, flat_ids, inv_temperature, compute_entropy)
+        logps, _, entropy = _ops().logits_fwd(rows, flat_ids, params, compute_entropy)
     return logps.view(out_shape), (entropy.view(out_shape) if compute_entropy else None)
 
 
-def selective_log_softmax(
-    logits: Tensor, ids: Tensor, temperature: float = 1.0, compute_entropy: bool = False
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """See :func:`grpo_fused.reference.selective_log_softmax`; logits ``(..., V)`` on CPU."""
-    return _log_softmax(logits, ids, temperature, compute_entropy, inplace=False)
-
-
-def _chunk_rows(rows: int, vocab: int) -> int:
-    return max(1, min(rows, LINEAR_CHUNK_BYTES // (4 * max(vocab, 1))))
+def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float, compute_entropy: bool):
+    return _log_softmax(logits, ids, vocab_values(temperature), compute_entropy, inplace=False)
 
 
 def _check_strategy(strategy: str) -> None:
-    if strategy not in LINEAR_STRATEGIES:
-        raise ValueError(
-            f"strategy={strategy!r}: the C++ backend implements only the chunked strategy "
-            f"(strategy must be one of {LINEAR_STRATEGIES})"
-        )
+    if strategy not in ("auto", "chunked"):
+        raise ValueError(f"strategy={strategy!r}: the C++ backend implements only the chunked strategy "
+                         f"(strategy must be 'auto' or 'chunked' of {LINEAR_STRATEGIES})")
 
 
-def linear_log_softmax(
-    hidden: Tensor,
-    weight: Tensor,
-    ids: Tensor,
-    temperature: float = 1.0,
-    bias: Optional[Tensor] = None,
-    compute_entropy: bool = False,
-    strategy: str = "auto",
-    *,
-    chunk_size: Optional[int] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """See :func:`grpo_fused.reference.linear_log_softmax`; never holds more than one chunk of logits.
-
-    ``strategy``: ``"auto"`` or ``"chunked"`` (the same here); ``"tiled"`` is a Triton-only strategy.
-    ``chunk_size``: tokens per GEMM chunk; None sizes it to ``LINEAR_CHUNK_BYTES`` of fp32 logits.
-    """
+def _linear_vocab_pass(hidden, weight, bias, ids, params, compute_entropy, strategy, chunk_size, filter_eps):
     _check_strategy(strategy)
+    if filter_eps is not None:
+        raise ValueError("filter_eps applies to the tiled strategy, which the C++ backend does not have")
     out_shape = ids.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
-    logps, _, entropy = _ops().linear_fwd(
-        flat_hidden,
-        weight,
-        bias,
-        flat_ids,
-        1.0 / float(temperature),
-        compute_entropy,
-        chunk_size or _chunk_rows(flat_hidden.shape[0], weight.shape[0]),
-    )
+    # One chunk policy for every path: the C++ chunk holds fp32 (fp64) logits and nothing else.
+    rows = chunk_size or chunk_rows(flat_hidden.shape[0], weight.shape[0],
+                                    torch.empty((), dtype=compute_dtype(hidden.dtype)).element_size())
+    logps, _, entropy = _ops().linear_fwd(flat_hidden, weight, bias, flat_ids, params, compute_entropy, rows)
     return logps.view(out_shape), (entropy.view(out_shape) if compute_entropy else None)
 
 
-def _loss_from_logps(logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps,
-                     config, is_weights, num_items_in_batch, global_batch_size, dtype) -> GRPOOutput:
-    return _ref.grpo_output_from_logps(
-        logps.to(dtype), None if entropy is None else entropy.to(dtype), completion_ids, advantages,
-        completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch, global_batch_size,
-    )
+def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,
+                       filter_eps=None):
+    """Never holds more than one chunk of logits (``chunk_size`` tokens; None: the chunk policy)."""
+    return _linear_vocab_pass(hidden, weight, bias, ids, vocab_values(temperature), compute_entropy, strategy,
+                              chunk_size, filter_eps)
 
 
-def grpo_loss(
-    logits: Tensor,
-    completion_ids: Tensor,
-    advantages: Tensor,
-    completion_mask: Optional[Tensor] = None,
-    old_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    config: GRPOConfig = GRPOConfig(),
-    is_weights: Optional[Tensor] = None,
-    num_items_in_batch=None,
-    global_batch_size=None,
-    inplace_backward: bool = False,
-) -> GRPOOutput:
-    """See :func:`grpo_fused.reference.grpo_loss`; logits ``(B, T, V)`` fp32 / bf16 / fp16 / fp64 on CPU.
-
-    ``inplace_backward=True`` writes the logits' gradient into ``logits`` itself (no extra
-    memory); ``logits`` must not be read after backward. Default False.
-    """
-    logps, entropy = _log_softmax(
-        logits, completion_ids, config.temperature, config.compute_entropy, inplace=inplace_backward
-    )
-    return _loss_from_logps(
-        logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
-        is_weights, num_items_in_batch, global_batch_size, _ref.compute_dtype(logits.dtype),
-    )
+def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_backward: bool = False) -> GRPOOutput:
+    """``inplace_backward=True`` writes the logits' gradient into ``logits`` itself (no extra
+    memory); ``logits`` must not be read after backward."""
+    logps, entropy = _log_softmax(logits, batch.completion_ids, params.values, params.spec.compute_entropy,
+                                  inplace=inplace_backward)
+    return _tail(logps, entropy, batch, params, logits.dtype)
 
 
-def linear_grpo_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    completion_ids: Tensor,
-    advantages: Tensor,
-    completion_mask: Optional[Tensor] = None,
-    old_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    config: GRPOConfig = GRPOConfig(),
-    is_weights: Optional[Tensor] = None,
-    num_items_in_batch=None,
-    global_batch_size=None,
-    strategy: str = "auto",
-    *,
-    chunk_size: Optional[int] = None,
-) -> GRPOOutput:
-    """See :func:`grpo_fused.reference.linear_grpo_loss`; hidden ``(B, T, H)``, weight ``(V, H)`` on CPU.
-
-    The logits are computed ``chunk`` tokens at a time in fp32 (``LINEAR_CHUNK_BYTES`` of logits
-    per chunk) and never exist whole. ``strategy``: ``"auto"`` or ``"chunked"``.
-    """
-    logps, entropy = linear_log_softmax(
-        hidden, weight, completion_ids, config.temperature, bias, config.compute_entropy, strategy,
-        chunk_size=chunk_size,
-    )
-    return _loss_from_logps(
-        logps, entropy, completion_ids, advantages, completion_mask, old_logps, ref_logps, config,
-        is_weights, num_items_in_batch, global_batch_size, _ref.compute_dtype(hidden.dtype),
-    )
+def linear_grpo_loss(hidden, weight, bias, batch: LossBatch, params: LossParams, strategy="auto", chunk_size=None,
+                     filter_eps=None) -> GRPOOutput:
+    logps, entropy = _linear_vocab_pass(hidden, weight, bias, batch.completion_ids, params.values,
+                                        params.spec.compute_entropy, strategy, chunk_size, filter_eps)
+    return _tail(logps, entropy, batch, params, hidden.dtype)
 
 
-_SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
+def _tail(logps, entropy, batch, params, input_dtype) -> GRPOOutput:
+    dtype = compute_dtype(input_dtype)
+    return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch, params)
 
 
 def group_advantages(
@@ -391,13 +298,12 @@ def group_advantages(
     eps: float = 1e-4,
 ) -> Tuple[Tensor, GroupStats]:
     """See :func:`grpo_fused.reference.group_advantages`; statistics accumulate in float64."""
-    if scale not in _SCALE_MODES:
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    r = _ref.combine_rewards(rewards, reward_weights).contiguous()
-    index, num_groups = _ref.group_index_from(r.shape[0], group_size, group_ids, group_offsets, r.device)
+    r = combine_rewards(rewards, reward_weights).contiguous()
+    index, num_groups = group_index_from(r.shape[0], group_size, group_ids, group_offsets, r.device)
     keep = r.new_empty(0, dtype=torch.bool) if keep_mask is None else keep_mask.to(torch.bool).contiguous()
     adv, mean, std, count, zero_std = _ops().group_advantages(
-        r, index.to(torch.int64).contiguous(), int(num_groups), keep, _SCALE_MODES[scale], bool(unbiased), float(eps)
+        r, index.to(torch.int64).contiguous(), int(num_groups), keep, int(ADVANTAGE_SCALES[scale]), bool(unbiased),
+        float(eps),
     )
     stats = GroupStats(
         group_index=index,

@@ -1,36 +1,54 @@
-"""The eager PyTorch backend: the spec itself (:mod:`grpo_fused.reference`)."""
+"""The eager PyTorch backend: the spec itself (:mod:`grpo_fused.reference`), materialized logits.
+
+The loss entry points read the temperature from ``params`` as a 0-dim tensor, so that a traced
+step stays valid for a new temperature, exactly like the fused backends.
+"""
 
 from __future__ import annotations
 
 from .. import reference as _ref
-from ..reference import group_advantages, selective_log_softmax
+from ..semantics import compute_dtype, grpo_output
 
-__all__ = ["availability", "grpo_loss", "linear_grpo_loss", "selective_log_softmax", "linear_log_softmax", "group_advantages"]
+__all__ = ["availability", "grpo_loss", "linear_grpo_loss", "selective_log_softmax", "linear_log_softmax",
+           "group_advantages"]
+
+group_advantages = _ref.group_advantages
 
 
 def availability(device):
     return None
 
 
-def linear_grpo_loss(*args, strategy="auto", **kwargs):
-    # The reference always materializes the logits; ``strategy`` picks among fused kernels only.
-    _no_fused_options(kwargs)
-    return _ref.linear_grpo_loss(*args, **kwargs)
+def selective_log_softmax(logits, ids, temperature, compute_entropy):
+    return _ref.selective_log_softmax(logits, ids, temperature, compute_entropy)
 
 
-def linear_log_softmax(*args, strategy="auto", **kwargs):
-    _no_fused_options(kwargs)
-    return _ref.linear_log_softmax(*args, **kwargs)
+def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,
+                       filter_eps=None):
+    _no_fused_options(chunk_size, filter_eps)
+    return _ref.linear_log_softmax(hidden, weight, ids, temperature, bias, compute_entropy)
 
 
-def _no_fused_options(kwargs):
-    for name in ("chunk_size", "filter_eps"):
-        if kwargs.pop(name, None) is not None:
-            raise ValueError(f"{name} tunes a fused backend; the reference materializes the logits whole")
-
-
-def grpo_loss(*args, inplace_backward=False, **kwargs):
+def grpo_loss(logits, batch, params, inplace_backward=False):
     if inplace_backward:
         raise ValueError("inplace_backward=True needs a fused backend (triton or cpp); the reference "
                          "materializes its own fp32 logits")
-    return _ref.grpo_loss(*args, **kwargs)
+    return _loss(logits, batch, params)
+
+
+def linear_grpo_loss(hidden, weight, bias, batch, params, strategy="auto", chunk_size=None, filter_eps=None):
+    # The reference always materializes the logits; ``strategy`` picks among fused kernels only.
+    _no_fused_options(chunk_size, filter_eps)
+    return _loss(_ref.linear_logits(hidden, weight, bias), batch, params)
+
+
+def _loss(logits, batch, params):
+    temperature = params.hyper(compute_dtype(logits.dtype), logits.device).temperature
+    logps, entropy = _ref.selective_log_softmax(logits, batch.completion_ids, temperature, params.spec.compute_entropy)
+    return grpo_output(logps, entropy, batch, params)
+
+
+def _no_fused_options(chunk_size, filter_eps):
+    for name, value in (("chunk_size", chunk_size), ("filter_eps", filter_eps)):
+        if value is not None:
+            raise ValueError(f"{name} tunes a fused backend; the reference materializes the logits whole")

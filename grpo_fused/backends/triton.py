@@ -1,19 +1,52 @@
 """The Triton backend (``grpo_fused.kernels``): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
+The host glue between the loss-type table and the kernels: it turns a :class:`LossBatch` and
+:class:`LossParams` into the kernels' arguments (per-token inputs, reduction weights, the
+``params`` vector on the device, surrogate / KL codes and option bits) and finishes the metrics
+with the semantics layer's :func:`token_metrics`.
+
+* Token-level losses from logits run the fused epilogue kernel (:mod:`grpo_fused.kernels.grpo_logits`):
+  one pass over the vocabulary, the reduction a plain sum of per-token contributions.
+* Sequence-level losses (GSPO's sequence ratio, GMPO's geometric mean) need every token of a
+  sequence before the surrogate can be evaluated: they run the vocab op, then the ``(B, T)`` tail
+  :func:`grpo_fused.semantics.grpo_output` (never re-reading the logits), differentiated by
+  autograd down to the per-token ``dlogp`` / ``dH`` the one backward kernel consumes.
+* The linear path runs a strategy's vocab pass (``chunked``: GEMMs on token chunks + the row
+  kernels; ``tiled``: logit tiles on chip), then the same tail.
+
 Importing this module imports Triton; the dispatcher treats an ImportError as "not available".
-Each kernel module's entry points are re-exported below; an op missing here is not implemented.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
+import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
-from grpo_fused.kernels.grpo_logits import grpo_loss  # noqa: F401
-from grpo_fused.kernels.selective_log_softmax import selective_log_softmax  # noqa: F401
-from grpo_fused.kernels.group_advantages import group_advantages  # noqa: F401
-from grpo_fused.kernels.linear_grpo import linear_grpo_loss, linear_log_softmax  # noqa: F401
+from grpo_fused.kernels import group_advantages as _advantages
+from grpo_fused.kernels import grpo_logits as _grpo
+from grpo_fused.kernels import linear_chunked as _chunked
+from grpo_fused.kernels import linear_tiled as _tiled
+from grpo_fused.kernels import selective_log_softmax as _vocab
+from grpo_fused.kernels.common import FLAG_HIGH, FLAG_LOW, check_inplace_backward
+
+from ..semantics import (
+    GRPOOutput,
+    LossBatch,
+    LossParams,
+    compute_dtype,
+    entropy_weights,
+    grpo_output,
+    token_metrics,
+    token_weights,
+    vocab_values,
+)
+
+Tensor = torch.Tensor
+
+group_advantages = _advantages.group_advantages
 
 
 def availability(device):
@@ -22,3 +55,101 @@ def availability(device):
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+
+
+def resolve_strategy(strategy: str) -> str:
+    """``auto`` -> ``chunked``: its GEMMs run at cuBLAS speed, its transient is one chunk of
+    logits (about the size of the hidden states), and it computes fp64 inputs in fp64.
+    ``tiled`` trades GEMM speed for O(N) memory beyond the weight gradient."""
+    return "chunked" if strategy == "auto" else strategy
+
+
+# --------------------------------------------------------------------------------------
+# Log-probs only.
+# --------------------------------------------------------------------------------------
+
+
+def selective_log_softmax(logits, ids, temperature, compute_entropy, inplace_backward=False):
+    values = vocab_values(temperature).to(logits.device, non_blocking=True)
+    return _vocab.selective_log_softmax(logits, ids, values, compute_entropy, inplace_backward)
+
+
+def _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps):
+    if resolve_strategy(strategy) == "tiled":
+        return _tiled.linear_log_softmax_tiled(hidden, weight, ids, values, bias, compute_entropy, filter_eps)
+    return _chunked.linear_log_softmax_chunked(hidden, weight, ids, values, bias, compute_entropy, chunk_size)
+
+
+def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,
+                       filter_eps=None):
+    values = vocab_values(temperature).to(hidden.device, non_blocking=True)
+    return _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps)
+
+
+# --------------------------------------------------------------------------------------
+# Losses.
+# --------------------------------------------------------------------------------------
+
+
+def _per_token(x: Optional[Tensor], B: int, T: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """``(B,)``, ``(B, 1)`` or ``(B, T)`` -> contiguous ``(B*T,)`` in ``dtype`` (a view when it already is)."""
+    if x is None:
+        return None
+    if x.dim() == 1:
+        x = x.unsqueeze(-1)
+    return x.to(dtype).expand(B, T).reshape(B * T).contiguous()
+
+
+def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_backward: bool = False) -> GRPOOutput:
+    """:func:`grpo_fused.grpo_loss` on Triton: logits ``(B, T, V)``, read in place (a slice such
+    as ``logits[:, :-1]`` is never copied)."""
+    if inplace_backward:
+        check_inplace_backward(logits)
+    spec = params.spec
+    values = params.values_on(logits.device)
+    if spec.sequence_level:
+        logps, entropy = _vocab.selective_log_softmax(logits, batch.completion_ids, values, spec.compute_entropy,
+                                                      inplace_backward)
+        return grpo_output(logps, entropy, batch, params)
+
+    B, T = batch.shape
+    acc = compute_dtype(logits.dtype)
+    mask = batch.mask_as(acc, logits.device)
+    weights = token_weights(mask, spec, batch.num_items_in_batch, batch.global_batch_size)
+    bonus_weights = entropy_weights(mask).reshape(-1).contiguous() if spec.entropy_bonus else None
+    codes = _grpo.EpilogueCodes(int(spec.loss_type.surrogate), None if spec.kl is None else int(spec.kl),
+                                int(spec.options))
+    loss, logps, entropy, ratio, kl, flags = _grpo.GRPOLogitsLoss.apply(
+        logits,
+        batch.completion_ids,
+        values,
+        _per_token(batch.advantages, B, T, acc),
+        weights.reshape(-1).contiguous(),
+        _per_token(batch.old_logps, B, T, acc),
+        _per_token(batch.ref_logps, B, T, acc) if spec.kl is not None else None,
+        _per_token(batch.is_weights, B, T, acc),
+        bonus_weights,
+        codes,
+        bool(inplace_backward),
+    )
+
+    def rows(t):
+        return None if t is None else t.view(B, T)
+
+    low = (flags & FLAG_LOW.value).to(acc).view(B, T)
+    high = (flags & FLAG_HIGH.value).ne(0).to(acc).view(B, T)
+    metrics = token_metrics(spec, mask, rows(ratio), kl=rows(kl), entropy=rows(entropy), low=low, high=high)
+    return GRPOOutput(loss, logps.view(B, T), rows(entropy), metrics)
+
+
+def linear_grpo_loss(hidden, weight, bias, batch: LossBatch, params: LossParams, strategy="auto", chunk_size=None,
+                     filter_eps=None) -> GRPOOutput:
+    """:func:`grpo_fused.linear_grpo_loss` on Triton: the strategy's vocab pass, then the ``(B, T)``
+    tail (every surrogate, level, KL estimator, bonus and metric of the spec, the same numbers)."""
+    spec = params.spec
+    logps, entropy = _linear_vocab_pass(hidden, weight, bias, batch.completion_ids, params.values_on(hidden.device),
+                                        spec.compute_entropy, strategy, chunk_size, filter_eps)
+    dtype = compute_dtype(hidden.dtype)
+    return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch, params)
+
+

@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 
 from .. import api
-from ..config import GRPOConfig
+from .._dispatch import LINEAR_STRATEGIES
+from ..semantics import LOSS_TYPES, GRPOConfig, Normalizer, Surrogate, clip_flags, importance_log_ratio
 
 try:  # TRL is optional for the package, required to use this module's trainer class.
     from trl import GRPOTrainer as _TRLGRPOTrainer
@@ -50,11 +51,7 @@ except ImportError:  # pragma: no cover - exercised only without TRL installed
 
 __all__ = ["FusedGRPOTrainer", "FusedLossSettings", "config_from_trl_args", "fused_compute_loss", "patch_trainer"]
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-# TRL divides these loss types' loss by the number of accumulation steps; dapo / cispo fold the
-# accumulation into their num_items_in_batch normalizer instead.
-_TOKEN_NORMALIZED = ("dapo", "cispo")
-_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+SUPPORTED_LOSS_TYPES = tuple(name for name, row in LOSS_TYPES.items() if row.in_trl)
 LM_HEAD_MODES = ("auto", "linear", "logits")
 # Input keys that carry images or other model inputs the adapter does not forward.
 _MULTIMODAL_KEYS = (
@@ -178,8 +175,8 @@ def _settings_for(trainer, backend, strategy, lm_head) -> FusedLossSettings:
         model = model.get_base_model()
     mode, scale = _resolve_lm_head(model, lm_head)
     temperature = config.temperature / scale if mode == "linear" else config.temperature
-    if strategy not in api.LINEAR_STRATEGIES:
-        raise ValueError(f"strategy must be one of {api.LINEAR_STRATEGIES}, got {strategy!r}")
+    if strategy not in LINEAR_STRATEGIES:
+        raise ValueError(f"strategy must be one of {LINEAR_STRATEGIES}, got {strategy!r}")
     return FusedLossSettings(config, mode, temperature, backend, strategy)
 
 
@@ -235,7 +232,9 @@ def fused_compute_loss(self, model, inputs):
         is_weights = inputs["importance_sampling_ratio"]
 
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-    if cfg.loss_type in _TOKEN_NORMALIZED:
+    # TRL divides the loss by the accumulation steps, except for a token-count normalizer (dapo,
+    # cispo), which folds the accumulation into num_items_in_batch instead.
+    if cfg.params.spec.normalizer is Normalizer.GLOBAL_TOKENS:
         # TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window.
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
@@ -291,28 +290,23 @@ def _log_metrics(self, mode, out, mask, advantages, old_logps, cfg: GRPOConfig):
     if cfg.beta != 0.0:
         metrics["kl"].append(global_mean(out.metrics["kl"], per_sequence=False))
     metrics["entropy"].append(global_mean(out.metrics["entropy"], per_sequence=False))
-    if cfg.loss_type in _CLIP_TYPES:
+    surrogate = cfg.params.spec.loss_type.surrogate
+    if surrogate is Surrogate.CLIP:
         for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
             metrics[name].append(global_mean(out.metrics[name], per_sequence=sequence_shaped))
         low, high = _clip_flags(out.logps, old_logps, mask_f, advantages, cfg)
         metrics["clip_ratio/low_min"].append(_nan_extreme(self.accelerator.gather(_seq_mean(low, mask_f)), "min"))
         metrics["clip_ratio/high_max"].append(_nan_extreme(self.accelerator.gather(_seq_mean(high, mask_f)), "max"))
-    elif cfg.loss_type == "cispo":
+    elif surrogate is Surrogate.CISPO:
         metrics["cispo_clip_ratio"].append(global_mean(out.metrics["cispo_clip_ratio"], per_sequence=sequence_shaped))
 
 
 @torch.no_grad()
 def _clip_flags(logps, old_logps, mask, advantages, cfg: GRPOConfig):
     # The per-sequence extremes TRL logs need the clip flags per token; (B, T) work, no vocab pass.
-    log_ratio = logps - (logps if old_logps is None else old_logps.to(logps.dtype))
-    if cfg.importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    ratio = torch.exp(log_ratio)
-    if cfg.delta is not None:
-        ratio = torch.clamp(ratio, max=cfg.delta)
-    low = ((ratio < 1 - cfg.epsilon_low) & (advantages < 0)).float()
-    high = ((ratio > 1 + cfg.eps_high) & (advantages > 0)).float()
-    return low, high
+    old = logps if old_logps is None else old_logps.to(logps.dtype)
+    ratio = torch.exp(importance_log_ratio(logps, old, mask, cfg.params.spec.sequence_level))
+    return clip_flags(ratio, advantages.to(logps.dtype), cfg.params)
 
 
 def _seq_mean(x, mask):

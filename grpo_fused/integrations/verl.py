@@ -22,7 +22,7 @@ both differentiable, computed by :func:`grpo_fused.linear_log_softmax` (fused ba
 the logits). :func:`kl_penalty` follows verl's ``kl_penalty`` names.
 
 These policy losses work on per-token log-probs, i.e. after the vocabulary pass: their cost is a
-few ``(B, T)`` elementwise ops, computed with :func:`grpo_fused.reference.grpo_loss_from_logps`.
+few ``(B, T)`` elementwise ops, computed with :func:`grpo_fused.semantics.grpo_loss_from_logps`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from .. import api
-from ..config import GRPOConfig
-from ..reference import grpo_loss_from_logps, kl_estimate
+from ..semantics import LOSS_AGG_MODES, GRPOConfig, grpo_loss_from_logps, kl_estimate
 
 Tensor = torch.Tensor
 
@@ -53,7 +52,6 @@ __all__ = [
     "register_with_verl",
 ]
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # verl clamps the token log-ratio to this range before exp() in vanilla, sapo and cispo.
 _LOG_RATIO_CLAMP = 20.0
 # ... and gspo's token-level sequence log-ratio from above.
@@ -89,8 +87,8 @@ def _clip_bounds(config) -> Tuple[float, float]:
 def _reduction(config, loss_agg_mode: str, mask: Tensor) -> Dict[str, Any]:
     """verl's ``agg_loss`` normalizers, expressed as the reference's ``num_items_in_batch`` /
     ``global_batch_size`` with ``dp_size=1`` (verl multiplies by dp_size what it divides by the global count)."""
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     info = _get(config, "global_batch_info", None) or {}
     dp_size = int(_get(info, "dp_size", 1))
     batch_num_tokens = _get(info, "batch_num_tokens", None)
@@ -124,7 +122,7 @@ def _policy_loss(log_prob, old_log_prob, advantages, mask, rollout_is_weights, l
     max_len = reduction.pop("max_completion_length")
     cfg = GRPOConfig(loss_agg_mode=loss_agg_mode, max_completion_length=max_len, compute_entropy=False, **cfg_fields)
     loss, _ = grpo_loss_from_logps(
-        log_prob, advantages, mask, old_logps=old_log_prob, config=cfg, is_weights=rollout_is_weights, **reduction
+        log_prob, advantages, mask, cfg.params, old_logps=old_log_prob, is_weights=rollout_is_weights, **reduction
     )
     return loss
 
@@ -283,7 +281,7 @@ def compute_policy_loss_geo_mean(
     low, high = _clip_bounds(config)
     mask = _as_float_mask(response_mask, log_prob)
     cfg = GRPOConfig(loss_type="gmpo", epsilon_low=low, epsilon_high=high, compute_entropy=False)
-    loss, _ = grpo_loss_from_logps(log_prob, advantages, mask, old_logps=old_log_prob, config=cfg,
+    loss, _ = grpo_loss_from_logps(log_prob, advantages, mask, cfg.params, old_logps=old_log_prob,
                                    is_weights=rollout_is_weights)
     with torch.no_grad():
         log_ratio = log_prob - old_log_prob

@@ -1,0 +1,154 @@
+"""The loss from per-token log-probs: what every path runs once the vocabulary pass is done.
+
+:class:`LossBatch` bundles the ``(B, T)`` inputs of a loss call (ids, advantages, mask, old /
+reference log-probs, rollout IS weights, global normalizers), so that they travel as one value
+from the API through the backends. :func:`grpo_output` is the ``(B, T)`` tail: cast the inputs to
+the log-probs' dtype, evaluate the surrogate, KL, entropy bonus and reduction, and package a
+:class:`GRPOOutput`. The reference runs it after its materialized log-softmax; the C++ backend,
+the linear paths, the sequence-level Triton path and the vocab-parallel losses run it after their
+fused vocab pass, and autograd carries its gradient into that pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .outputs import GRPOOutput
+from .params import LossParams, Option
+from .reduction import entropy_weights, reduce_tokens, token_weights
+from .table import Surrogate
+from .terms import clip_flags, kl_estimate, policy_token_loss, token_metrics
+
+Tensor = torch.Tensor
+
+__all__ = ["LossBatch", "grpo_loss_from_logps", "grpo_output"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossBatch:
+    """The per-token inputs of one loss call, as the caller gave them (validated by the API).
+
+    Attributes:
+        completion_ids: ``(B, T)`` integer sampled tokens.
+        advantages: ``(B,)``, ``(B, 1)`` or ``(B, T)``.
+        completion_mask: ``(B, T)`` loss mask (bool / int / float), None = all ones.
+        old_logps / ref_logps: ``(B, T)`` or None (on-policy / no KL).
+        is_weights: rollout importance-sampling weight ``(B,)``, ``(B, 1)`` or ``(B, T)``, or None.
+        num_items_in_batch / global_batch_size: global normalizers (numbers or 0-dim tensors), or None.
+    """
+
+    completion_ids: Tensor
+    advantages: Tensor
+    completion_mask: Optional[Tensor] = None
+    old_logps: Optional[Tensor] = None
+    ref_logps: Optional[Tensor] = None
+    is_weights: Optional[Tensor] = None
+    num_items_in_batch: object = None
+    global_batch_size: object = None
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.completion_ids.shape)
+
+    def mask_as(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The ``(B, T)`` float mask in ``dtype`` (ones when none was given)."""
+        if self.completion_mask is None:
+            return torch.ones(self.shape, dtype=dtype, device=device)
+        return self.completion_mask.to(dtype)
+
+
+def _cast(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if x is None else x.to(dtype)
+
+
+def _as_column(x: Optional[Tensor]) -> Optional[Tensor]:
+    """``(B,)`` -> ``(B, 1)``; ``(B, 1)`` and ``(B, T)`` unchanged."""
+    return x.unsqueeze(-1) if x is not None and x.dim() == 1 else x
+
+
+def grpo_loss_from_logps(
+    logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    params: LossParams,
+    old_logps: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    global_batch_size=None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The GRPO-family loss of per-token log-probs ``(B, T)``; returns ``(loss, metrics)``.
+
+    All tensors in one float dtype. ``old_logps=None`` means ``logps.detach()`` (ratio 1,
+    on-policy). ``is_weights`` (TRL's vLLM correction) multiplies the policy term, not the KL;
+    for gmpo its masked geometric mean per sequence, as verl does. ``entropy`` enables the
+    entropy metric and, with ``Option.ENTROPY_BONUS``, the bonus.
+    """
+    spec = params.spec
+    h = params.hyper(logps.dtype, logps.device)
+    if old_logps is None:
+        old_logps = logps.detach()
+    advantages = _as_column(advantages)
+    is_weights = _as_column(is_weights)
+    policy, ratio = policy_token_loss(logps, old_logps, advantages, mask, params)
+    geo_mean = spec.loss_type.surrogate is Surrogate.GEO_MEAN
+    if is_weights is not None:
+        if geo_mean:
+            n = mask.sum(-1, keepdim=True)
+            log_w = (torch.log(is_weights + 1e-10) * mask).sum(-1, keepdim=True)
+            is_weights = torch.exp(log_w / (n + 1e-8))
+        policy = policy * is_weights
+
+    weights = token_weights(mask, spec, num_items_in_batch, global_batch_size)
+    if geo_mean:
+        # verl: the geometric-mean term is one value per sequence, averaged over sequences
+        # whatever the aggregation mode; the KL below follows the mode.
+        loss = policy.mean()
+    else:
+        loss = reduce_tokens(policy, weights, mask)
+    kl = None
+    if spec.kl is not None:
+        if ref_logps is None:
+            raise ValueError("ref_logps is required when beta != 0")
+        kl = kl_estimate(logps, ref_logps, spec.kl)
+        if spec.has(Option.BIAS_CORRECT_KL):
+            kl = kl * ratio
+        loss = loss + h.beta * reduce_tokens(kl, weights, mask)
+    if entropy is not None and spec.entropy_bonus:
+        loss = loss - h.entropy_coef * reduce_tokens(entropy, entropy_weights(mask), mask)
+
+    r = ratio.detach()
+    low, high = clip_flags(r, advantages, params)
+    metrics = token_metrics(
+        spec, mask, r,
+        kl=None if kl is None else kl.detach(),
+        entropy=None if entropy is None else entropy.detach(),
+        low=low, high=high,
+    )
+    return loss, metrics
+
+
+def grpo_output(logps: Tensor, entropy: Optional[Tensor], batch: LossBatch, params: LossParams) -> GRPOOutput:
+    """The ``(B, T)`` tail every path shares once the vocab pass has produced ``logps`` (and
+    ``entropy``), ``(B, T)`` each in the compute dtype: cast the batch to that dtype, run
+    :func:`grpo_loss_from_logps`, package a :class:`GRPOOutput`."""
+    dtype = logps.dtype
+    loss, metrics = grpo_loss_from_logps(
+        logps,
+        batch.advantages.to(dtype),
+        batch.mask_as(dtype, logps.device),
+        params,
+        old_logps=_cast(batch.old_logps, dtype),
+        ref_logps=_cast(batch.ref_logps, dtype),
+        entropy=entropy,
+        is_weights=_cast(batch.is_weights, dtype),
+        num_items_in_batch=batch.num_items_in_batch,
+        global_batch_size=batch.global_batch_size,
+    )
+    return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
+
+
