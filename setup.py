@@ -52,8 +52,12 @@ setup(
     # a top-level import package named `kernels` would shadow Hugging Face's `kernels`.
     # csrc/ ships as package data too, so that an installed wheel can build the C++
     # extension just in time when it was not compiled at install.
-    packages=["grpo_fused", "grpo_fused.backends", "grpo_fused.integrations", "grpo_fused.kernels", "grpo_fused.csrc"],
-    package_dir={"grpo_fused.kernels": "kernels", "grpo_fused.csrc": "csrc"},
+    # benchmarks/ installs as grpo_fused.benchmarks (its top-level modules: the harness behind
+    # `grpo-fused bench`, the per-op scripts, the static report), so the CLI reaches it from a wheel;
+    # its pytest-benchmark suite (benchmarks/suite) and stored results stay in the checkout.
+    packages=["grpo_fused", "grpo_fused.semantics", "grpo_fused.backends", "grpo_fused.integrations",
+              "grpo_fused.trainer", "grpo_fused.kernels", "grpo_fused.csrc", "grpo_fused.benchmarks"],
+    package_dir={"grpo_fused.kernels": "kernels", "grpo_fused.csrc": "csrc", "grpo_fused.benchmarks": "benchmarks"},
     package_data={"grpo_fused.csrc": ["*.cpp", "*.h", "README.md"]},
     install_requires=["torch>=2.5", "numpy", "ninja"],
     extras_require={

@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 import grpo_fused as gf  # noqa: E402
 from grpo_fused import reference  # noqa: E402
-from grpo_fused.benchmarking import environment, summarize  # noqa: E402
+from grpo_fused.benchmarks.harness import environment, summarize  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = ("eager", "compile", "triton", "cpp")

@@ -5,7 +5,7 @@
     python benchmarks/bench_logits.py --smoke             # CPU: tiny shapes, checks the script end to end
     GRPO_FUSED_BLOCK_V=4096 python benchmarks/bench_logits.py --providers triton   # try another tile width
 
-Providers (see :mod:`grpo_fused.benchmarking`): ``eager`` (grpo_fused.reference, TRL-style: fp32
+Providers (see :mod:`grpo_fused.benchmarks.harness`): ``eager`` (grpo_fused.reference, TRL-style: fp32
 logits materialized, log-softmax, gather), ``compile`` (torch.compile of it), ``triton`` and
 ``triton-inplace`` (the fused kernels, dlogits in a new buffer or written into the logits),
 ``liger`` (Liger-Kernel ``triton_grpo_loss``, when installed). Loss: DAPO, eps 0.2 / 0.28, beta
@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from grpo_fused import benchmarking as bm  # noqa: E402
+from grpo_fused.benchmarks import harness as bm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEQ_LEN = 2048

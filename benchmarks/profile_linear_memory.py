@@ -4,7 +4,7 @@
     python benchmarks/profile_linear_memory.py --seq-lens 1024,2048 --providers eager,triton-tiled
 
 Runs one fwd+bwd of ``linear_grpo_loss`` per provider and length in a fresh subprocess (the
-shared harness :func:`grpo_fused.benchmarking.run_memory_sweep`), B = 1, and records
+shared harness :func:`grpo_fused.benchmarks.harness.run_memory_sweep`), B = 1, and records
 ``torch.cuda.max_memory_allocated`` beyond the inputs (gradients included). Next to each
 measurement it stores the peak the model below predicts, and checks DESIGN.md section 5:
 loss-side peak <= 2% of eager's at N = 16k, and N = 131072 running where eager cannot.
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from grpo_fused import benchmarking as bm  # noqa: E402
+from grpo_fused.benchmarks import harness as bm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROVIDERS = ("eager", "triton-chunked", "triton-tiled", "liger")

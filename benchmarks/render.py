@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from grpo_fused.benchmarking import fmt_bytes  # noqa: E402
+from grpo_fused.benchmarks.harness import fmt_bytes  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

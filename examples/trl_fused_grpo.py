@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import trl  # noqa: E402
 
 from grpo_fused.integrations.trl import FusedGRPOTrainer  # noqa: E402
-from grpo_fused.trainer import build_char_tokenizer, build_tiny_model, copy_reward, copy_task  # noqa: E402
+from grpo_fused.trainer.demo_task import build_char_tokenizer, build_tiny_model, copy_reward, copy_task  # noqa: E402
 
 
 def main():

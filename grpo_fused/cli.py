@@ -131,7 +131,7 @@ class _Progress:
 
 
 def _print_table(rows, title: str, plain: bool):
-    from . import benchmarking as bm
+    from .benchmarks import harness as bm
 
     if not plain:
         try:
@@ -161,7 +161,7 @@ def _print_unavailable(doc):
 
 
 def _check_ops(ops):
-    from . import benchmarking as bm
+    from .benchmarks import harness as bm
 
     bad = [op for op in ops if op not in bm.OPS]
     if bad or not ops:
@@ -169,7 +169,7 @@ def _check_ops(ops):
 
 
 def _check_providers(names):
-    from . import benchmarking as bm
+    from .benchmarks import harness as bm
 
     if names is None:
         return
@@ -180,7 +180,7 @@ def _check_providers(names):
 
 
 def cmd_bench(args) -> int:
-    from . import benchmarking as bm
+    from .benchmarks import harness as bm
 
     _check_ops(args.ops)
     _check_providers(args.providers)
@@ -217,7 +217,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile_memory(args) -> int:
-    from . import benchmarking as bm
+    from .benchmarks import harness as bm
 
     _check_ops(args.ops)
     _check_providers(args.providers)

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from grpo_fused import benchmarking as bm
+from grpo_fused.benchmarks import harness as bm
 from grpo_fused import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

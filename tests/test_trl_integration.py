@@ -24,7 +24,7 @@ import trl  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 from grpo_fused.integrations import trl as gf_trl  # noqa: E402
-from grpo_fused.trainer import build_char_tokenizer, build_tiny_model  # noqa: E402
+from grpo_fused.trainer.demo_task import build_char_tokenizer, build_tiny_model  # noqa: E402
 
 def _backend_ready(name):
     from grpo_fused import _dispatch

@@ -8,7 +8,7 @@ shape, the byte / FLOP count the rates assume, and the achieved rate from the me
 import pytest
 import torch
 
-from grpo_fused import benchmarking as bm
+from grpo_fused.benchmarks import harness as bm
 
 DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = {case.op: case for case in bm.default_cases(DEVICE_TYPE)}

@@ -3,9 +3,9 @@
 Run it with one command from the repository root (the test run's ``testpaths`` is ``tests``, so a
 plain ``pytest`` never collects this folder)::
 
-    python -m pytest benchmarks --benchmark-only [--benchmark-json out.json]
+    python -m pytest benchmarks/suite --benchmark-only [--benchmark-json out.json]
 
-Shapes are those of ``grpo_fused.benchmarking.default_cases``: DESIGN.md's reference shapes on a
+Shapes are those of ``grpo_fused.benchmarks.harness.default_cases``: DESIGN.md's reference shapes on a
 GPU, small fp32 shapes on CPU. Providers that cannot run here are skipped with their reason.
 """
 

@@ -288,19 +288,19 @@ def probe(provider: Provider, device: torch.device) -> Optional[Dict[str, str]]:
 @functools.lru_cache(maxsize=None)
 def bench_config():
     """The :class:`GRPOConfig` of :data:`BENCH_CONFIG`, one object per process (compile guards on it)."""
-    from .semantics import GRPOConfig
+    from grpo_fused.semantics import GRPOConfig
 
     return GRPOConfig(**BENCH_CONFIG)
 
 
 def _eager_logits_loss(logits, ids, adv, mask, old, ref, config):
-    from .reference import grpo_loss
+    from grpo_fused.reference import grpo_loss
 
     return grpo_loss(logits, ids, adv, mask, old, ref, config=config).loss
 
 
 def _eager_linear_loss(hidden, weight, ids, adv, mask, old, ref, config):
-    from .reference import linear_grpo_loss
+    from grpo_fused.reference import linear_grpo_loss
 
     return linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, config=config).loss
 
@@ -319,7 +319,7 @@ def make_inputs(case: Case, device, seed: int = 0, extra_position: bool = False)
     the current log-probs plus N(0, 0.1) noise, so some tokens clip. ``extra_position`` appends one
     logits position per sequence (Liger's ``triton_grpo_loss`` takes ``(B, T+1, V)``).
     """
-    from .reference import selective_log_softmax
+    from grpo_fused.reference import selective_log_softmax
 
     device = torch.device(device)
     # Drawn on the device in the target dtype: at N = 131072, V = 151936 an fp32 host copy of
@@ -374,7 +374,7 @@ def build_step(provider: Provider, case: Case, inputs: Dict[str, torch.Tensor],
 
     ``dynamic`` is passed to ``torch.compile`` (``None``: its default) by the ``compile`` provider.
     """
-    from . import api
+    from grpo_fused import api
 
     cfg = bench_config()
     x = dict(inputs)
@@ -787,7 +787,7 @@ def run_worker(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
     fd, path = tempfile.mkstemp(prefix="grpo_fused_bench_", suffix=".json")
     os.close(fd)
     spec = dict(spec, result_path=path)
-    cmd = [sys.executable, "-c", "from grpo_fused.benchmarking import _worker_main; _worker_main()"]
+    cmd = [sys.executable, "-c", "from grpo_fused.benchmarks.harness import _worker_main; _worker_main()"]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
