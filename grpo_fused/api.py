@@ -15,7 +15,7 @@ import torch
 from . import _dispatch
 from . import _validation as v
 from ._dispatch import LINEAR_STRATEGIES
-from .semantics import ADVANTAGE_SCALES, GRPOConfig, GroupStats, GRPOOutput, LossBatch
+from .semantics import ADVANTAGE_SCALES, AdvantageRequest, GRPOConfig, GroupStats, GRPOOutput, LossBatch
 
 Tensor = torch.Tensor
 
@@ -235,17 +235,8 @@ def group_advantages(
         reward_weights=reward_weights, keep_mask=keep_mask,
     )
     impl = _dispatch.resolve("group_advantages", backend, rewards.device)
-    return impl(
-        rewards,
-        group_size=group_size,
-        group_ids=group_ids,
-        group_offsets=group_offsets,
-        reward_weights=reward_weights,
-        keep_mask=keep_mask,
-        scale=scale,
-        unbiased=unbiased,
-        eps=eps,
-    )
+    return impl(rewards, AdvantageRequest(group_size, group_ids, group_offsets, reward_weights, keep_mask, scale,
+                                          bool(unbiased), float(eps)))
 
 
 def _check_strategy_options(strategy, chunk_size, filter_eps) -> None:

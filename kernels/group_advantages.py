@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_fused.semantics import ADVANTAGE_SCALES, GroupStats, compute_dtype
+from grpo_fused.semantics import ADVANTAGE_SCALES, AdvantageRequest, GroupStats, compute_dtype
 
 from .common import SCALE_BATCH, SCALE_GROUP, launchable, triton_op
 
@@ -372,32 +372,18 @@ def _merge_batch_std(partials: Tensor, ddof: int) -> Tensor:
     return torch.sqrt(batch_m2 / (total - ddof))
 
 
-def group_advantages(
-    rewards: Tensor,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    group_offsets: Optional[Tensor] = None,
-    reward_weights: Optional[Tensor] = None,
-    keep_mask: Optional[Tensor] = None,
-    scale: str = "group",
-    unbiased: bool = True,
-    eps: float = 1e-4,
-) -> Tuple[Tensor, GroupStats]:
+def group_advantages(rewards: Tensor, request: AdvantageRequest) -> Tuple[Tensor, GroupStats]:
     """Group-relative advantages with one Triton launch for the group statistics.
 
-    Same arguments and results as :func:`grpo_fused.reference.group_advantages`; inputs are
-    checked by :func:`grpo_fused.group_advantages`, this entry trusts them.
+    Same results as :func:`grpo_fused.reference.group_advantages`; inputs are checked by
+    :func:`grpo_fused.group_advantages`, this entry trusts them.
 
     Args:
         rewards: ``(B,)`` or ``(B, K)`` fp32 / bf16 / fp16 / fp64, any strides; NaN = unscored.
-        group_size: contiguous groups of this size (divides B), or
-        group_ids: ``(B,)`` integer labels in any order (stable argsort on the host), or
-        group_offsets: ``(G+1,)`` integer run boundaries from 0 to B (empty groups allowed).
-        reward_weights: ``(K,)`` weights of the K reward functions (2-D rewards only); default ones.
-        keep_mask: ``(B,)`` bool / int / float; zero leaves a reward out of the statistics.
-        scale: ``"group"`` (default), ``"batch"`` or ``"none"``.
-        unbiased: Bessel's correction (default True); False gives the 1/n std.
-        eps: added to the std before dividing (default 1e-4); a runtime scalar, never recompiles.
+        request: the :class:`grpo_fused.semantics.AdvantageRequest` (groups given by size, by
+            labels in any order (stable argsort on the host) or by offsets (empty groups
+            allowed); reward weights, keep mask, scale, Bessel's correction, eps, a runtime scalar
+            that never recompiles).
 
     Returns:
         ``(advantages (B,), GroupStats)``, floats in fp32 (fp64 for fp64 rewards), counts and
@@ -405,30 +391,24 @@ def group_advantages(
         module docstring (a frac reduction; argsort for ``group_ids``; O(B) rescale for "batch").
         Rewards are data: there is no gradient (backward through the op raises).
     """
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"scale must be one of {tuple(ADVANTAGE_SCALES)}, got {scale!r}")
+    q = request
+    if q.scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {tuple(ADVANTAGE_SCALES)}, got {q.scale!r}")
     if rewards.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"rewards must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
                          f"got one on {rewards.device}")
-    ddof = 1 if unbiased else 0
-    num_groups, offsets, perm = _segments(rewards.shape[0], group_size, group_ids, group_offsets)
+    ddof = 1 if q.unbiased else 0
+    num_groups, offsets, perm = _segments(rewards.shape[0], q.group_size, q.group_ids, q.group_offsets)
     advantages, combined, group_index, mean, std, count, zero_std, partials = _group_stats_op(
         rewards if rewards.dim() == 2 else rewards.unsqueeze(1),
-        reward_weights, keep_mask, offsets, perm,
-        num_groups, group_size or 0, int(ADVANTAGE_SCALES[scale]), ddof, float(eps),
+        q.reward_weights, q.keep_mask, offsets, perm,
+        num_groups, q.group_size or 0, int(ADVANTAGE_SCALES[q.scale]), ddof, float(q.eps),
     )
-    if scale == "batch":
-        advantages = advantages / (_merge_batch_std(partials, ddof) + eps)
+    if q.scale == "batch":
+        advantages = advantages / (_merge_batch_std(partials, ddof) + q.eps)
         advantages = torch.where(torch.isfinite(advantages), advantages, 0.0)
     # G = 0 gives 0 / 0 = NaN, as the reference's mean over no groups.
     frac_zero_std = partials[:, 3].sum() / num_groups
-    stats = GroupStats(
-        group_index=group_index,
-        mean=mean,
-        std=std,
-        count=count,
-        zero_std=zero_std,
-        frac_zero_std=frac_zero_std,
-        rewards=combined,
-    )
+    stats = GroupStats(group_index=group_index, mean=mean, std=std, count=count, zero_std=zero_std,
+                       frac_zero_std=frac_zero_std, rewards=combined)
     return advantages, stats

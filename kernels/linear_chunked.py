@@ -191,63 +191,21 @@ def linear_chunked_bwd(
 
 
 @dataclasses.dataclass(frozen=True)
-class _ChunkedState:
-    chunk_size: Optional[int]
-    vocab_slice: Optional[int]
+class Chunked:
+    """The chunked strategy of :func:`grpo_fused.kernels.linear_log_softmax.linear_log_softmax`.
 
-
-class LinearLogSoftmaxChunked(torch.autograd.Function):
-    """``(hidden (N, H), weight (V, H), bias, ids (N,), params) -> (logps (N,), entropy (N,) or None)``."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, params, compute_entropy, chunk_size, vocab_slice):
-        logps, lse, entropy = linear_chunked_fwd(hidden, weight, bias, ids, params, compute_entropy, chunk_size)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, ids, params, lse, entropy)
-        ctx.state = _ChunkedState(chunk_size, vocab_slice)
-        return logps, entropy
-
-    @staticmethod
-    def backward(ctx, dlogps, dentropy):
-        hidden, weight, bias, ids, params, lse, entropy = ctx.saved_tensors
-        s: _ChunkedState = ctx.state
-        if dlogps is None and dentropy is None:
-            return None, None, None, None, None, None, None, None
-        dhidden, dweight, dbias = linear_chunked_bwd(
-            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, s.chunk_size,
-            s.vocab_slice, needs=tuple(ctx.needs_input_grad[:3]),
-        )
-        return dhidden, dweight, dbias, None, None, None, None, None
-
-
-def linear_log_softmax_chunked(
-    hidden: Tensor,
-    weight: Tensor,
-    ids: Tensor,
-    params: Tensor,
-    bias: Optional[Tensor] = None,
-    compute_entropy: bool = False,
-    chunk_size: Optional[int] = None,
-    vocab_slice: Optional[int] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Per-token log-prob (and entropy) of ``hidden @ weight.T + bias``, one token chunk at a time.
-
-    Args:
-        hidden: ``(..., H)`` float. weight: ``(V, H)``. ids: ``(...)`` integer in ``[0, V)``.
-        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the device (the temperature).
-        bias: ``(V,)`` or None.
-        compute_entropy: also return the entropy (default False).
-        chunk_size: tokens per chunk; None (default) picks :func:`chunk_rows`.
-        vocab_slice: vocab columns per slice of the backward's weight pass; None (default)
-            picks them from the shapes.
-
-    Returns:
-        ``(logps, entropy_or_None)`` of shape ``(...)``, fp32 (fp64 for fp64 inputs),
-        differentiable with respect to hidden, weight and bias.
+    Attributes:
+        chunk_size: tokens per chunk; None picks :func:`~grpo_fused.kernels.splits.chunk_rows`.
+        vocab_slice: vocab columns per slice of the backward's weight pass; None picks them from
+            the shapes.
     """
-    lead = hidden.shape[:-1]
-    logps, entropy = LinearLogSoftmaxChunked.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1),
-        params, bool(compute_entropy), chunk_size, vocab_slice,
-    )
-    return logps.view(lead), None if entropy is None else entropy.view(lead)
+
+    chunk_size: Optional[int] = None
+    vocab_slice: Optional[int] = None
+
+    def forward(self, hidden, weight, bias, ids, params, compute_entropy):
+        return linear_chunked_fwd(hidden, weight, bias, ids, params, compute_entropy, self.chunk_size)
+
+    def backward(self, hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, needs):
+        return linear_chunked_bwd(hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, self.chunk_size,
+                                  self.vocab_slice, needs=needs)

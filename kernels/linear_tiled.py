@@ -441,68 +441,22 @@ def linear_lse_bwd(
     )
 
 
-# --------------------------------------------------------------------------------------
-# Autograd function and entry point.
-# --------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
-class _TiledState:
-    filter_eps: Optional[float]
-    config: Optional[TiledConfig]
+class Tiled:
+    """The tiled strategy of :func:`grpo_fused.kernels.linear_log_softmax.linear_log_softmax`.
 
-
-class LinearLogSoftmaxTiled(torch.autograd.Function):
-    """``(hidden (N, H), weight (V, H), bias, ids (N,), params) -> (logps (N,), entropy (N,) or None)``."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, params, compute_entropy, filter_eps, config):
-        logps, lse, entropy = linear_lse_fwd(hidden, weight, bias, ids, params, compute_entropy, config)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, ids, params, lse, entropy)
-        ctx.state = _TiledState(filter_eps, config)
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        return logps.to(out_dtype), None if entropy is None else entropy.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, dlogps, dentropy):
-        hidden, weight, bias, ids, params, lse, entropy = ctx.saved_tensors
-        s: _TiledState = ctx.state
-        dhidden, dweight, dbias = linear_lse_bwd(
-            hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, s.filter_eps, s.config,
-            needs=tuple(ctx.needs_input_grad[:3]),
-        )
-        return dhidden, dweight, dbias, None, None, None, None, None
-
-
-def linear_log_softmax_tiled(
-    hidden: Tensor,
-    weight: Tensor,
-    ids: Tensor,
-    params: Tensor,
-    bias: Optional[Tensor] = None,
-    compute_entropy: bool = False,
-    filter_eps: Optional[float] = None,
-    config: Optional[TiledConfig] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Per-token log-prob (and entropy) of ``hidden @ weight.T + bias`` over the vocab, tiled.
-
-    Args:
-        hidden: ``(..., H)`` float. weight: ``(V, H)``. ids: ``(...)`` integer in ``[0, V)``.
-        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the device (the temperature).
-        bias: ``(V,)`` or None.
-        compute_entropy: also return the entropy (default False).
+    Attributes:
         filter_eps: gradient filtering threshold (approximate gradients); None (default) = off.
             :data:`DEFAULT_FILTER_EPS` is a sensible value for bf16 training.
         config: launch config; None picks :func:`default_config`.
-
-    Returns:
-        ``(logps, entropy_or_None)`` of shape ``(...)``, fp32 (fp64 for fp64 hidden),
-        differentiable with respect to hidden, weight and bias.
     """
-    lead = hidden.shape[:-1]
-    logps, entropy = LinearLogSoftmaxTiled.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1),
-        params, bool(compute_entropy), filter_eps, config,
-    )
-    return logps.view(lead), None if entropy is None else entropy.view(lead)
+
+    filter_eps: Optional[float] = None
+    config: Optional[TiledConfig] = None
+
+    def forward(self, hidden, weight, bias, ids, params, compute_entropy):
+        return linear_lse_fwd(hidden, weight, bias, ids, params, compute_entropy, self.config)
+
+    def backward(self, hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, needs):
+        return linear_lse_bwd(hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, self.filter_eps,
+                              self.config, needs=needs)

@@ -17,7 +17,7 @@ import grpo_fused as gf
 from grpo_fused import _cpp_build, _dispatch
 from grpo_fused import reference as ref
 from grpo_fused.backends import cpp as cpp_backend
-from grpo_fused.semantics import LossBatch, vocab_values
+from grpo_fused.semantics import AdvantageRequest, LossBatch, vocab_values
 
 # Value / gradient tolerances per input dtype (absolute, on O(1) quantities). fp32: the kernel
 # multiplies by 1/T instead of dividing and sums in a different order; bf16 / fp16: the
@@ -482,7 +482,7 @@ def test_torch_compile_fullgraph_through_the_cpp_op():
     torch.testing.assert_close(a.grad, b.grad)
 
     def adv_fn(r):
-        return cpp_backend.group_advantages(r, 4)[0]
+        return cpp_backend.group_advantages(r, AdvantageRequest(group_size=4))[0]
 
     r = torch.randn(16)
     torch.testing.assert_close(torch.compile(adv_fn, fullgraph=True, backend="aot_eager")(r), adv_fn(r))

@@ -14,6 +14,7 @@ import torch
 
 import grpo_fused as gf
 from grpo_fused import reference, semantics
+from grpo_fused.semantics import AdvantageRequest
 
 from conftest import DEVICE, has_triton
 
@@ -21,7 +22,12 @@ pytestmark = pytest.mark.skipif(not has_triton(), reason="Triton is not installe
 
 if has_triton():
     import grpo_fused.kernels.group_advantages as ga
-    from grpo_fused.kernels.group_advantages import group_advantages as triton_group_advantages
+
+
+def triton_group_advantages(rewards, **request):
+    """The Triton kernel entry, called with the public API's keyword arguments."""
+    return ga.group_advantages(rewards, AdvantageRequest(**request))
+
 
 ON_CUDA = DEVICE == "cuda"
 # Per-element slack beyond twice the reference's own error, relative to 1 + |truth|.

@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 
 from grpo_fused.backends.triton import resolve_strategy  # noqa: E402
 from grpo_fused.kernels import linear_chunked, linear_tiled, splits  # noqa: E402
+from grpo_fused.kernels import linear_log_softmax as linear_op  # noqa: E402
 from grpo_fused.semantics import vocab_values  # noqa: E402
 
 
@@ -36,10 +37,9 @@ def temp(temperature):
 def linear_log_softmax(h, w, ids, temperature=1.0, b=None, compute_entropy=False, strategy="auto", *,
                        chunk_size=None, vocab_slice=None, filter_eps=None):
     """A strategy's vocab pass, called directly (``vocab_slice`` is not part of the public API)."""
-    if resolve_strategy(strategy) == "tiled":
-        return linear_tiled.linear_log_softmax_tiled(h, w, ids, temp(temperature), b, compute_entropy, filter_eps)
-    return linear_chunked.linear_log_softmax_chunked(h, w, ids, temp(temperature), b, compute_entropy, chunk_size,
-                                                     vocab_slice)
+    chosen = (linear_tiled.Tiled(filter_eps) if resolve_strategy(strategy) == "tiled"
+              else linear_chunked.Chunked(chunk_size, vocab_slice))
+    return linear_op.linear_log_softmax(h, w, ids, temp(temperature), b, compute_entropy, chosen)
 
 
 def linear_grpo_loss(config, strategy, **inputs):
@@ -374,7 +374,7 @@ def test_tiled_gradient_filtering():
     hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=12, logit_scale=12.0)
 
     def tiled(filter_eps):
-        return _grads(lambda h, w, bb: linear_tiled.linear_log_softmax_tiled(h, w, ids, temp(1.0), bb, True, filter_eps, cfg),
+        return _grads(lambda h, w, bb: linear_op.linear_log_softmax(h, w, ids, temp(1.0), bb, True, linear_tiled.Tiled(filter_eps, cfg)),
                       hidden, weight, b)
 
     exact = tiled(None)

@@ -31,7 +31,7 @@ import torch
 from .. import _cpp_build
 from .._dispatch import LINEAR_STRATEGIES
 from ..kernels.splits import chunk_rows
-from ..semantics import ADVANTAGE_SCALES, GroupStats, GRPOOutput, LossBatch, LossParams, compute_dtype, grpo_output, vocab_values
+from ..semantics import ADVANTAGE_SCALES, AdvantageRequest, GroupStats, GRPOOutput, LossBatch, LossParams, compute_dtype, grpo_output, vocab_values
 from ..reference import combine_rewards, group_index_from
 
 Tensor = torch.Tensor
@@ -286,24 +286,15 @@ def _tail(logps, entropy, batch, params, input_dtype) -> GRPOOutput:
     return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch, params)
 
 
-def group_advantages(
-    rewards: Tensor,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    group_offsets: Optional[Tensor] = None,
-    reward_weights: Optional[Tensor] = None,
-    keep_mask: Optional[Tensor] = None,
-    scale: str = "group",
-    unbiased: bool = True,
-    eps: float = 1e-4,
-) -> Tuple[Tensor, GroupStats]:
+def group_advantages(rewards: Tensor, request: AdvantageRequest) -> Tuple[Tensor, GroupStats]:
     """See :func:`grpo_fused.reference.group_advantages`; statistics accumulate in float64."""
-    r = combine_rewards(rewards, reward_weights).contiguous()
-    index, num_groups = group_index_from(r.shape[0], group_size, group_ids, group_offsets, r.device)
-    keep = r.new_empty(0, dtype=torch.bool) if keep_mask is None else keep_mask.to(torch.bool).contiguous()
+    q = request
+    r = combine_rewards(rewards, q.reward_weights).contiguous()
+    index, num_groups = group_index_from(r.shape[0], q.group_size, q.group_ids, q.group_offsets, r.device)
+    keep = r.new_empty(0, dtype=torch.bool) if q.keep_mask is None else q.keep_mask.to(torch.bool).contiguous()
     adv, mean, std, count, zero_std = _ops().group_advantages(
-        r, index.to(torch.int64).contiguous(), int(num_groups), keep, int(ADVANTAGE_SCALES[scale]), bool(unbiased),
-        float(eps),
+        r, index.to(torch.int64).contiguous(), int(num_groups), keep, int(ADVANTAGE_SCALES[q.scale]), q.unbiased,
+        q.eps,
     )
     stats = GroupStats(
         group_index=index,

@@ -12,9 +12,6 @@ from ..semantics import compute_dtype, grpo_output
 __all__ = ["availability", "grpo_loss", "linear_grpo_loss", "selective_log_softmax", "linear_log_softmax",
            "group_advantages"]
 
-group_advantages = _ref.group_advantages
-
-
 def availability(device):
     return None
 
@@ -46,6 +43,10 @@ def _loss(logits, batch, params):
     temperature = params.hyper(compute_dtype(logits.dtype), logits.device).temperature
     logps, entropy = _ref.selective_log_softmax(logits, batch.completion_ids, temperature, params.spec.compute_entropy)
     return grpo_output(logps, entropy, batch, params)
+
+
+def group_advantages(rewards, request):
+    return _ref.group_advantages(rewards, **request.as_kwargs())
 
 
 def _no_fused_options(chunk_size, filter_eps):

@@ -27,8 +27,9 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from grpo_fused.kernels import group_advantages as _advantages
 from grpo_fused.kernels import grpo_logits as _grpo
-from grpo_fused.kernels import linear_chunked as _chunked
-from grpo_fused.kernels import linear_tiled as _tiled
+from grpo_fused.kernels.linear_chunked import Chunked
+from grpo_fused.kernels.linear_log_softmax import linear_log_softmax as _linear_log_softmax
+from grpo_fused.kernels.linear_tiled import Tiled
 from grpo_fused.kernels import selective_log_softmax as _vocab
 from grpo_fused.kernels.common import FLAG_HIGH, FLAG_LOW, check_inplace_backward
 
@@ -75,9 +76,8 @@ def selective_log_softmax(logits, ids, temperature, compute_entropy, inplace_bac
 
 
 def _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps):
-    if resolve_strategy(strategy) == "tiled":
-        return _tiled.linear_log_softmax_tiled(hidden, weight, ids, values, bias, compute_entropy, filter_eps)
-    return _chunked.linear_log_softmax_chunked(hidden, weight, ids, values, bias, compute_entropy, chunk_size)
+    chosen = Tiled(filter_eps) if resolve_strategy(strategy) == "tiled" else Chunked(chunk_size)
+    return _linear_log_softmax(hidden, weight, ids, values, bias, compute_entropy, chosen)
 
 
 def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,

@@ -12,6 +12,7 @@ definitions from here, once:
 * :mod:`.reduction`: the reduction as per-token weights.
 * :mod:`.terms`: ratio, surrogates, KL estimators, clip flags and metrics on ``(B, T)`` tensors.
 * :mod:`.tail`: :class:`LossBatch` (a call's per-token inputs) and the ``(B, T)`` tail of the loss.
+* :mod:`.advantages`: :class:`AdvantageRequest` (a group-advantages call's inputs).
 * :mod:`.outputs`: :class:`GRPOOutput`, :class:`GroupStats`.
 
 ``compute_dtype`` is the one rule for the accumulation dtype: fp64 stays fp64 (``gradcheck``),
@@ -20,6 +21,7 @@ everything else is computed in fp32.
 
 import torch
 
+from .advantages import AdvantageRequest
 from .config import GRPOConfig
 from .outputs import GroupStats, GRPOOutput
 from .params import Hyper, LossParams, LossSpec, NUM_SLOTS, Option, Slot, vocab_values
@@ -51,6 +53,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 __all__ = [
     "ADVANTAGE_SCALES",
+    "AdvantageRequest",
     "AdvantageScale",
     "GRPOConfig",
     "GRPOOutput",
