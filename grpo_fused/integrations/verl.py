@@ -27,6 +27,8 @@ few ``(B, T)`` elementwise ops, computed with :func:`grpo_fused.semantics.grpo_l
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -157,165 +159,152 @@ def _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights
 # --------------------------------------------------------------------------------------
 
 
-def compute_policy_loss_vanilla(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, float]]:
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One policy-loss call as verl makes it, after the checks: ``mask`` is the float response mask."""
+
+    old_log_prob: Tensor
+    log_prob: Tensor
+    advantages: Tensor
+    mask: Tensor
+    loss_agg_mode: str
+    config: Any
+    rollout_is_weights: Optional[Tensor]
+
+    def loss(self, log_prob=None, old_log_prob=None, loss_agg_mode=None, **cfg_fields) -> Tensor:
+        """The spec's loss of this call (verl's normalizers), with the given log-probs / mode / config fields."""
+        return _policy_loss(
+            self.log_prob if log_prob is None else log_prob,
+            self.old_log_prob if old_log_prob is None else old_log_prob,
+            self.advantages, self.mask, self.rollout_is_weights, loss_agg_mode or self.loss_agg_mode, self.config,
+            **cfg_fields,
+        )
+
+    def masked_mean(self, x: Tensor) -> Tensor:
+        return _masked_mean(x, self.mask)
+
+
+def _verl_policy_loss(default_agg_mode: str):
+    """Give ``core(call) -> (loss, metrics)`` verl's registered-loss signature, checks and float metrics.
+
+    The resulting function is ``fn(old_log_prob, log_prob, advantages, response_mask,
+    loss_agg_mode=default_agg_mode, config=None, rollout_is_weights=None) -> (pg_loss, pg_metrics)``;
+    the metric tensors are turned into Python floats at the end (verl's contract).
+    """
+
+    def wrap(core):
+        @functools.wraps(core)
+        def fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=default_agg_mode, config=None,
+               rollout_is_weights=None):
+            _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+            call = _Call(old_log_prob, log_prob, advantages, _as_float_mask(response_mask, log_prob), loss_agg_mode,
+                         config, rollout_is_weights)
+            loss, metrics = core(call)
+            return loss, {name: float(value) for name, value in metrics.items()}
+
+        return fn
+
+    return wrap
+
+
+def _clip_metrics(call: _Call, ratio: Tensor, low: float, high: float, log_ratio: Tensor, lower=0.0):
+    with torch.no_grad():
+        loss1, loss2 = -call.advantages * ratio, -call.advantages * torch.clamp(ratio, 1 - low, 1 + high)
+        return {
+            "actor/pg_clipfrac": call.masked_mean((loss2 > loss1).float()),
+            "actor/ppo_kl": call.masked_mean(-log_ratio),
+            "actor/pg_clipfrac_lower": lower,
+        }
+
+
+@_verl_policy_loss("token-mean")
+def compute_policy_loss_vanilla(call: _Call):
     """PPO clipped surrogate with dual-clip (``clip_ratio_c``, default 3.0), verl's ``vanilla``."""
-    _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
-    low, high = _clip_bounds(config)
-    clip_ratio_c = float(_get(config, "clip_ratio_c", 3.0))
-    mask = _as_float_mask(response_mask, log_prob)
-    log_prob_c, log_ratio = _clamped_log_prob(log_prob, old_log_prob)
-    loss = _policy_loss(log_prob_c, old_log_prob, advantages, mask, rollout_is_weights, loss_agg_mode, config,
-                        loss_type="dapo", epsilon_low=low, epsilon_high=high, clip_ratio_c=clip_ratio_c)
+    low, high = _clip_bounds(call.config)
+    clip_ratio_c = float(_get(call.config, "clip_ratio_c", 3.0))
+    log_prob_c, log_ratio = _clamped_log_prob(call.log_prob, call.old_log_prob)
+    loss = call.loss(log_prob_c, loss_type="dapo", epsilon_low=low, epsilon_high=high, clip_ratio_c=clip_ratio_c)
     with torch.no_grad():
         ratio = torch.exp(log_ratio)
-        loss1, loss2 = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-        clipped_lower = (torch.maximum(loss1, loss2) > -advantages * clip_ratio_c) & (advantages < 0)
-        metrics = {
-            "actor/pg_clipfrac": _masked_mean((loss2 > loss1).float(), mask).item(),
-            "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
-            "actor/pg_clipfrac_lower": _masked_mean(clipped_lower.float(), mask).item(),
-        }
-    return loss, metrics
+        clipped = torch.maximum(-call.advantages * ratio, -call.advantages * torch.clamp(ratio, 1 - low, 1 + high))
+        lower = call.masked_mean(((clipped > -call.advantages * clip_ratio_c) & (call.advantages < 0)).float())
+    return loss, _clip_metrics(call, ratio, low, high, log_ratio, lower)
 
 
-def compute_policy_loss_gspo(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config=None,
-    rollout_is_weights: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, float]]:
+@_verl_policy_loss("seq-mean-token-mean")
+def compute_policy_loss_gspo(call: _Call):
     """GSPO as verl writes it: token ratio ``sg(s_i) * pi / sg(pi)`` (value the sequence ratio,
     gradient per token), clipped, aggregated ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says."""
-    _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
-    low, high = _clip_bounds(config)
-    mask = _as_float_mask(response_mask, log_prob)
+    low, high = _clip_bounds(call.config)
+    log_prob, mask = call.log_prob, call.mask
     with torch.no_grad():
-        log_ratio = log_prob - old_log_prob
+        log_ratio = log_prob - call.old_log_prob
         seq_log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
         capped = torch.clamp(seq_log_ratio, max=_GSPO_LOG_RATIO_MAX)
     # A token-level ratio whose log is log_prob - sg(log_prob) + sg(capped): old = sg(log_prob) - capped;
     # past the cap verl's clamp has zero gradient, so the log-prob is detached there.
     log_prob_g = torch.where(seq_log_ratio <= _GSPO_LOG_RATIO_MAX, log_prob, log_prob.detach())
-    old_effective = log_prob.detach() - capped
-    loss = _policy_loss(log_prob_g, old_effective, advantages, mask, rollout_is_weights, "seq-mean-token-mean", config,
-                        loss_type="dapo", epsilon_low=low, epsilon_high=high)
-    with torch.no_grad():
-        ratio = torch.exp(capped).expand_as(log_prob)
-        loss1, loss2 = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-        metrics = {
-            "actor/pg_clipfrac": _masked_mean((loss2 > loss1).float(), mask).item(),
-            "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
-            "actor/pg_clipfrac_lower": 0.0,
-        }
-    return loss, metrics
+    loss = call.loss(log_prob_g, log_prob.detach() - capped, "seq-mean-token-mean", loss_type="dapo",
+                     epsilon_low=low, epsilon_high=high)
+    return loss, _clip_metrics(call, torch.exp(capped).expand_as(log_prob), low, high, log_ratio)
 
 
-def compute_policy_loss_sapo(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config=None,
-    rollout_is_weights: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, float]]:
+@_verl_policy_loss("seq-mean-token-mean")
+def compute_policy_loss_sapo(call: _Call):
     """SAPO soft gate ``sigmoid(tau (r - 1)) * 4 / tau``, ``tau_pos`` / ``tau_neg`` from config,
     aggregated ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says (as verl)."""
-    _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
-    if config is None:
+    if call.config is None:
         raise ValueError("config is required: verl's ActorConfig (or a mapping with tau_pos, tau_neg)")
-    tau_pos, tau_neg = _get(config, "tau_pos"), _get(config, "tau_neg")
+    tau_pos, tau_neg = _get(call.config, "tau_pos"), _get(call.config, "tau_neg")
     if tau_pos is None or tau_neg is None:
         raise ValueError("config must give tau_pos and tau_neg for sapo")
-    mask = _as_float_mask(response_mask, log_prob)
-    log_prob_c, log_ratio = _clamped_log_prob(log_prob, old_log_prob)
-    loss = _policy_loss(log_prob_c, old_log_prob, advantages, mask, rollout_is_weights, "seq-mean-token-mean", config,
-                        loss_type="sapo", sapo_temperature_pos=float(tau_pos), sapo_temperature_neg=float(tau_neg))
-    metrics = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": _masked_mean(-log_ratio.detach(), mask).item(),
+    log_prob_c, log_ratio = _clamped_log_prob(call.log_prob, call.old_log_prob)
+    loss = call.loss(log_prob_c, None, "seq-mean-token-mean", loss_type="sapo", sapo_temperature_pos=float(tau_pos),
+                     sapo_temperature_neg=float(tau_neg))
+    metrics = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": call.masked_mean(-log_ratio.detach()),
                "actor/pg_clipfrac_lower": 0.0}
     return loss, metrics
 
 
-def compute_policy_loss_gpg(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, float]]:
+@_verl_policy_loss("token-mean")
+def compute_policy_loss_gpg(call: _Call):
     """GPG / REINFORCE: ``-A * log_prob``, aggregated by ``loss_agg_mode``; no metrics (as verl)."""
-    _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
-    if config is None:
+    if call.config is None:
         raise ValueError("config is required (verl's ActorConfig or a mapping)")
-    mask = _as_float_mask(response_mask, log_prob)
-    loss = _policy_loss(log_prob, old_log_prob, advantages, mask, rollout_is_weights, loss_agg_mode, config,
-                        loss_type="gpg")
-    return loss, {}
+    return call.loss(loss_type="gpg"), {}
 
 
-def compute_policy_loss_geo_mean(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, float]]:
+@_verl_policy_loss("token-mean")
+def compute_policy_loss_geo_mean(call: _Call):
     """GMPO: geometric mean of sign-aware clipped token ratios per sequence, mean over sequences
     (``loss_agg_mode`` unused, as in verl); IS weights enter as their per-sequence geometric mean."""
-    _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
-    low, high = _clip_bounds(config)
-    mask = _as_float_mask(response_mask, log_prob)
+    low, high = _clip_bounds(call.config)
     cfg = GRPOConfig(loss_type="gmpo", epsilon_low=low, epsilon_high=high, compute_entropy=False)
-    loss, _ = grpo_loss_from_logps(log_prob, advantages, mask, cfg.params, old_logps=old_log_prob,
-                                   is_weights=rollout_is_weights)
+    loss, _ = grpo_loss_from_logps(call.log_prob, call.advantages, call.mask, cfg.params,
+                                   old_logps=call.old_log_prob, is_weights=call.rollout_is_weights)
     with torch.no_grad():
-        log_ratio = log_prob - old_log_prob
+        log_ratio = call.log_prob - call.old_log_prob
         clipped = (log_ratio != torch.clamp(log_ratio, -low, high)).float()
         metrics = {
-            "actor/pg_clipfrac": _masked_mean(clipped * (advantages > 0), mask).item(),
-            "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
-            "actor/pg_clipfrac_lower": _masked_mean(clipped * (advantages < 0), mask).item(),
+            "actor/pg_clipfrac": call.masked_mean(clipped * (call.advantages > 0)),
+            "actor/ppo_kl": call.masked_mean(-log_ratio),
+            "actor/pg_clipfrac_lower": call.masked_mean(clipped * (call.advantages < 0)),
         }
     return loss, metrics
 
 
-def compute_policy_loss_cispo(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, float]]:
+@_verl_policy_loss("token-mean")
+def compute_policy_loss_cispo(call: _Call):
     """CISPO as verl: ``-sg(clip(r, 1 - low, 1 + high)) * A * log_prob`` (two-sided clip)."""
-    _check(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
-    low, high = _clip_bounds(config)
-    mask = _as_float_mask(response_mask, log_prob)
+    low, high = _clip_bounds(call.config)
     # verl's [-20, 20] clamp of the log-ratio cannot change a weight clipped to [1 - low, 1 + high].
-    loss = _policy_loss(log_prob, old_log_prob, advantages, mask, rollout_is_weights, loss_agg_mode, config,
-                        loss_type="cispo", epsilon_low=low, epsilon_high=high, cispo_two_sided=True)
+    loss = call.loss(loss_type="cispo", epsilon_low=low, epsilon_high=high, cispo_two_sided=True)
     with torch.no_grad():
-        log_ratio = torch.clamp(log_prob - old_log_prob, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        log_ratio = torch.clamp(call.log_prob - call.old_log_prob, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
         ratio = torch.exp(log_ratio)
         metrics = {
-            "actor/pg_clipfrac": _masked_mean((ratio != torch.clamp(ratio, 1 - low, 1 + high)).float(), mask).item(),
-            "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
+            "actor/pg_clipfrac": call.masked_mean((ratio != torch.clamp(ratio, 1 - low, 1 + high)).float()),
+            "actor/ppo_kl": call.masked_mean(-log_ratio),
             "actor/pg_clipfrac_lower": 0.0,
         }
     return loss, metrics
