@@ -656,7 +656,13 @@ def _default_chunk(tokens: int, vocab_shard: int, dtype: torch.dtype, chunk_size
 # --------------------------------------------------------------------------------------
 
 
-def _apply_logits(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size):
+def _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size, error=None):
+    """Local checks (or the caller's ``error``), the layout agreement, then the sharded vocab pass."""
+    error = error or _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start, chunk_size)
+    vocab_start = _agree_on_shards(
+        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1], ids=ids,
+        hidden_size=0, device=_collective_device(process_group, logits_shard, ids),
+    )
     world_size, _ = _world(process_group)
     chunk = _default_chunk(ids.numel(), logits_shard.shape[-1], logits_shard.dtype, chunk_size)
     spec = _ShardSpec(vocab_start, logits_shard.shape[-1], float(temperature), bool(compute_entropy),
@@ -666,8 +672,15 @@ def _apply_logits(logits_shard, ids, vocab_start, temperature, compute_entropy, 
     return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
 
 
-def _apply_linear(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy, process_group,
-                  chunk_size):
+def _linear_pass(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy, process_group,
+                 chunk_size, error=None):
+    """:func:`_logits_pass` of the column-parallel lm_head."""
+    error = error or _checked(_check_linear_side, hidden, weight_shard, ids, temperature, bias_shard, vocab_start,
+                              chunk_size)
+    vocab_start = _agree_on_shards(
+        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0], ids=ids,
+        hidden_size=0 if error else hidden.shape[-1], device=_collective_device(process_group, hidden, ids),
+    )
     world_size, _ = _world(process_group)
     chunk = _default_chunk(ids.numel(), weight_shard.shape[0], hidden.dtype, chunk_size)
     spec = _ShardSpec(vocab_start, weight_shard.shape[0], float(temperature), bool(compute_entropy),
@@ -712,12 +725,7 @@ def vocab_parallel_selective_log_softmax(
     Costs one small all-reduce (layout and ids check, with a host sync) plus, per call, a MAX
     all-reduce of N floats and a SUM all-reduce of 2 (3 with entropy) x N floats.
     """
-    error = _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start, chunk_size)
-    vocab_start = _agree_on_shards(
-        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
-        ids=ids, hidden_size=0, device=_collective_device(process_group, logits_shard, ids),
-    )
-    return _apply_logits(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size)
+    return _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size)
 
 
 def vocab_parallel_linear_log_softmax(
@@ -747,23 +755,19 @@ def vocab_parallel_linear_log_softmax(
         rank's ``dweight_shard`` / ``dbias_shard`` with no communication and all-reduces
         ``dhidden`` ``(N, H)`` once (every rank gets the full gradient).
     """
-    error = _checked(_check_linear_side, hidden, weight_shard, ids, temperature, bias_shard, vocab_start, chunk_size)
-    vocab_start = _agree_on_shards(
-        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0], ids=ids,
-        hidden_size=0 if error else hidden.shape[-1], device=_collective_device(process_group, hidden, ids),
-    )
-    return _apply_linear(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy,
-                         process_group, chunk_size)
+    return _linear_pass(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy,
+                        process_group, chunk_size)
 
 
-def _checked_loss_call(features_name, features, batch, config, side_check):
-    """The local checks of a vocab-parallel loss call, collected (raised after the exchange)."""
-    def check():
-        config_ = v.check_config(config)
-        v.check_loss_inputs(features_name, features, batch, config_)
-        side_check(config_)
-
-    return _checked(check)
+def _loss_checks(features_name, features, batch, config):
+    """``(error or None, config)`` of a loss call's local checks; the error is raised after the
+    exchange, on every rank, with a placeholder config meanwhile."""
+    try:
+        config = v.check_config(config)
+        v.check_loss_inputs(features_name, features, batch, config)
+    except (TypeError, ValueError) as exc:
+        return exc, GRPOConfig()
+    return None, config
 
 
 def vocab_parallel_grpo_loss(
@@ -798,17 +802,9 @@ def vocab_parallel_grpo_loss(
     """
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
                       num_items_in_batch, global_batch_size)
-    error = _checked_loss_call(
-        "logits_shard", logits_shard, batch, config,
-        lambda c: _check_logits_side(logits_shard, completion_ids, c.temperature, vocab_start, chunk_size),
-    )
-    vocab_start_ = _agree_on_shards(
-        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1],
-        ids=completion_ids, hidden_size=0, device=_collective_device(process_group, logits_shard, completion_ids),
-    )
-    config = v.check_config(config)
-    logps, entropy = _apply_logits(logits_shard, completion_ids, vocab_start_, config.temperature,
-                                   config.compute_entropy, process_group, chunk_size)
+    error, config = _loss_checks("logits_shard", logits_shard, batch, config)
+    logps, entropy = _logits_pass(logits_shard, completion_ids, vocab_start, config.temperature, config.compute_entropy,
+                                  process_group, chunk_size, error)
     return _tail(logps, entropy, logits_shard.dtype, batch, config)
 
 
@@ -844,19 +840,9 @@ def vocab_parallel_linear_grpo_loss(
     """
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
                       num_items_in_batch, global_batch_size)
-    error = _checked_loss_call(
-        "hidden", hidden, batch, config,
-        lambda c: _check_linear_side(hidden, weight_shard, completion_ids, c.temperature, bias_shard, vocab_start,
-                                     chunk_size),
-    )
-    vocab_start_ = _agree_on_shards(
-        error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0],
-        ids=completion_ids, hidden_size=0 if error else hidden.shape[-1],
-        device=_collective_device(process_group, hidden, completion_ids),
-    )
-    config = v.check_config(config)
-    logps, entropy = _apply_linear(hidden, weight_shard, completion_ids, vocab_start_, config.temperature,
-                                   bias_shard, config.compute_entropy, process_group, chunk_size)
+    error, config = _loss_checks("hidden", hidden, batch, config)
+    logps, entropy = _linear_pass(hidden, weight_shard, completion_ids, vocab_start, config.temperature, bias_shard,
+                                  config.compute_entropy, process_group, chunk_size, error)
     return _tail(logps, entropy, hidden.dtype, batch, config)
 
 

@@ -84,18 +84,9 @@ def linear_log_softmax(
 # --------------------------------------------------------------------------------------
 
 
-def grpo_loss(
-    logits: Tensor,
-    completion_ids: Tensor,
-    advantages: Tensor,
-    completion_mask: Optional[Tensor] = None,
-    old_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    config: GRPOConfig = GRPOConfig(),
-    is_weights: Optional[Tensor] = None,
-    num_items_in_batch=None,
-    global_batch_size=None,
-) -> GRPOOutput:
+def grpo_loss(logits: Tensor, completion_ids: Tensor, advantages: Tensor, completion_mask: Optional[Tensor] = None,
+              old_logps: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None, config: GRPOConfig = GRPOConfig(),
+              is_weights: Optional[Tensor] = None, num_items_in_batch=None, global_batch_size=None) -> GRPOOutput:
     """The GRPO-family loss from logits ``(B, T, V)``: materializes fp32 logits, like TRL.
 
     The arguments are those of :func:`grpo_fused.grpo_loss`; the ``(B, T)`` math after the
@@ -107,21 +98,13 @@ def grpo_loss(
     return grpo_output(logps, entropy, batch, config.params)
 
 
-def linear_grpo_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    completion_ids: Tensor,
-    advantages: Tensor,
-    completion_mask: Optional[Tensor] = None,
-    old_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    config: GRPOConfig = GRPOConfig(),
-    is_weights: Optional[Tensor] = None,
-    num_items_in_batch=None,
-    global_batch_size=None,
-) -> GRPOOutput:
-    """:func:`grpo_loss` of ``hidden @ weight.T + bias``, hidden ``(B, T, H)``, weight ``(V, H)``."""
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, completion_ids: Tensor, advantages: Tensor,
+                     completion_mask: Optional[Tensor] = None, old_logps: Optional[Tensor] = None,
+                     ref_logps: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                     config: GRPOConfig = GRPOConfig(), is_weights: Optional[Tensor] = None, num_items_in_batch=None,
+                     global_batch_size=None) -> GRPOOutput:
+    """:func:`grpo_loss` of ``hidden @ weight.T + bias``, hidden ``(B, T, H)``, weight ``(V, H)``; the
+    arguments are those of :func:`grpo_fused.linear_grpo_loss`."""
     return grpo_loss(
         linear_logits(hidden, weight, bias), completion_ids, advantages, completion_mask, old_logps, ref_logps,
         config, is_weights, num_items_in_batch, global_batch_size,

@@ -34,38 +34,10 @@ import triton.language as tl
 
 from grpo_fused.semantics import Option, Slot
 
-from .common import (
-    FLAG_HIGH,
-    FLAG_LOW,
-    KL_K1,
-    KL_K2,
-    KL_K3,
-    KL_LOW_VAR,
-    LOSS_CISPO,
-    LOSS_CLIP,
-    LOSS_GPG,
-    LOSS_SAPO,
-    P_BETA,
-    P_CLIP_HIGH,
-    P_CLIP_LOW,
-    P_CLIP_RATIO_C,
-    P_DELTA,
-    P_ENTROPY_COEF,
-    P_EPSILON_HIGH,
-    P_INV_TEMPERATURE,
-    P_SAPO_TAU_NEG,
-    P_SAPO_TAU_POS,
-    TL_DTYPE,
-    RowLayout,
-    acc_dtype,
-    as_rows,
-    launch_config,
-    launchable,
-    load_param,
-    row_offset,
-    row_softmax_stats,
-    triton_op,
-)
+from .common import (FLAG_HIGH, FLAG_LOW, KL_K1, KL_K2, KL_K3, KL_LOW_VAR, LOSS_CISPO, LOSS_CLIP, LOSS_GPG, LOSS_SAPO,
+                     P_BETA, P_CLIP_HIGH, P_CLIP_LOW, P_CLIP_RATIO_C, P_DELTA, P_ENTROPY_COEF, P_EPSILON_HIGH,
+                     P_INV_TEMPERATURE, P_SAPO_TAU_NEG, P_SAPO_TAU_POS, TL_DTYPE, RowLayout, acc_dtype, as_rows,
+                     launch_config, launchable, load_param, row_offset, row_softmax_stats, triton_op)
 from .selective_log_softmax import check_params, dlogits_from_row_grads
 
 Tensor = torch.Tensor
@@ -258,11 +230,11 @@ def _grpo_logits_fwd_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class TokenTerms:
-    """Per-token results of :func:`grpo_fwd`, each ``(N,)`` in the accumulation dtype.
+    """Per-token results of :func:`grpo_fwd`, each ``(N,)`` in the accumulation dtype (absent: empty).
 
     ``loss`` is ``w_t * (policy * is_weight + beta * kl) - entropy_coef * wH_t * H`` so the
     loss is ``loss.sum()``; ``dlogps`` is its derivative in ``logp`` (without the entropy term).
-    ``kl`` is None without a KL term; ``entropy`` None unless computed; ``flags`` int8
+    ``kl`` is empty without a KL term; ``entropy`` empty unless computed; ``flags`` int8
     (``FLAG_LOW`` | ``FLAG_HIGH``).
     """
 
@@ -276,7 +248,8 @@ class TokenTerms:
     flags: Tensor
 
 
-def _grpo_fwd_launch(
+@triton_op("triton_grpo_logits_fwd")
+def grpo_fwd(
     logits: Tensor,
     ids: Tensor,
     params: Tensor,
@@ -289,9 +262,24 @@ def _grpo_fwd_launch(
     surrogate: int,
     kl_estimator: int,
     options: int,
-    block_v: Optional[int] = None,
-) -> Tuple[Tensor, ...]:
-    """Validate, allocate, launch. ``ref_logps=None`` means no KL term; absent outputs are empty."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One launch: vocab pass + token-level GRPO epilogue (the op ``grpo_fused::triton_grpo_logits_fwd``).
+
+    Args:
+        logits: ``(N, V)`` or ``(B, T, V)``, last dim contiguous, any float dtype.
+        ids: ``N`` int32 / int64 target ids (any shape with N elements).
+        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the logits' device.
+        advantages, token_weights, old_logps, ref_logps, is_weights, entropy_weights: ``(N,)``
+            contiguous in the accumulation dtype (fp32; fp64 for fp64 logits). ``token_weights``
+            is the reduction's ``w_t``; ``entropy_weights`` (None: no bonus) the bonus' ``mask /
+            max(sum mask, 1)``; ``ref_logps=None`` means no KL term.
+        surrogate: a token-level :class:`grpo_fused.semantics.Surrogate` code (not GEO_MEAN).
+        kl_estimator: a :class:`grpo_fused.semantics.KLEstimator` code (read only with ``ref_logps``).
+        options: :class:`grpo_fused.semantics.Option` bits.
+
+    Returns:
+        The :class:`TokenTerms` fields in order, each ``(N,)``; an absent one is an empty tensor.
+    """
     layout = RowLayout.of(logits)
     acc = acc_dtype(logits.dtype)
     n = layout.n_rows
@@ -313,7 +301,7 @@ def _grpo_fwd_launch(
     kl, flags = new(has_kl), new(dtype=torch.int8)
     if n == 0:
         return logps, lse, entropy, loss, dlogps, ratio, kl, flags
-    block, warps = launch_config(layout.vocab, block_v)
+    block, warps = launch_config(layout.vocab)
     launchable(_grpo_logits_fwd_kernel)[(n,)](
         logits, ids.reshape(-1).contiguous(), params, advantages, old_logps, ref_logps, is_weights, token_weights,
         entropy_weights if compute_entropy else None,
@@ -335,66 +323,6 @@ def _grpo_fwd_launch(
         num_warps=warps,
     )
     return logps, lse, entropy, loss, dlogps, ratio, kl, flags
-
-
-@triton_op("triton_grpo_logits_fwd")
-def _grpo_fwd_op(
-    logits: Tensor,
-    ids: Tensor,
-    params: Tensor,
-    advantages: Tensor,
-    token_weights: Tensor,
-    old_logps: Optional[Tensor],
-    ref_logps: Optional[Tensor],
-    is_weights: Optional[Tensor],
-    entropy_weights: Optional[Tensor],
-    surrogate: int,
-    kl_estimator: int,
-    options: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _grpo_fwd_launch(logits, ids, params, advantages, token_weights, old_logps, ref_logps, is_weights,
-                            entropy_weights, surrogate, kl_estimator, options)
-
-
-def grpo_fwd(
-    logits: Tensor,
-    ids: Tensor,
-    params: Tensor,
-    advantages: Tensor,
-    token_weights: Tensor,
-    surrogate: int,
-    kl_estimator: Optional[int] = None,
-    options: int = 0,
-    old_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    is_weights: Optional[Tensor] = None,
-    entropy_weights: Optional[Tensor] = None,
-) -> TokenTerms:
-    """One launch: vocab pass + token-level GRPO epilogue (through the ``torch.library`` op).
-
-    Args:
-        logits: ``(N, V)`` or ``(B, T, V)``, last dim contiguous, any float dtype.
-        ids: ``N`` int32 / int64 target ids (any shape with N elements).
-        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the logits' device.
-        advantages, token_weights, old_logps, ref_logps, is_weights, entropy_weights: ``(N,)``
-            contiguous in the accumulation dtype (fp32; fp64 for fp64 logits). ``token_weights``
-            is the reduction's ``w_t``; ``entropy_weights`` (None: no bonus) the bonus' ``mask /
-            max(sum mask, 1)``.
-        surrogate: a token-level :class:`grpo_fused.semantics.Surrogate` code (not GEO_MEAN).
-        kl_estimator: a :class:`grpo_fused.semantics.KLEstimator` code, or None (no KL term;
-            ``ref_logps`` is then ignored).
-        options: :class:`grpo_fused.semantics.Option` bits.
-    """
-    has_kl = kl_estimator is not None
-    if has_kl and ref_logps is None:
-        raise ValueError("ref_logps is required with a KL term")
-    compute_entropy = bool(Option(options) & Option.COMPUTE_ENTROPY)
-    logps, lse, entropy, loss, dlogps, ratio, kl, flags = _grpo_fwd_op(
-        logits, ids, params, advantages, token_weights, old_logps, ref_logps if has_kl else None, is_weights,
-        entropy_weights if compute_entropy else None, int(surrogate), int(kl_estimator or 0), int(options),
-    )
-    return TokenTerms(logps, lse, entropy if compute_entropy else None, loss, dlogps, ratio,
-                      kl if has_kl else None, flags)
 
 
 # --------------------------------------------------------------------------------------
@@ -430,8 +358,16 @@ class GRPOLogitsLoss(torch.autograd.Function):
     def forward(ctx, logits, ids, params, advantages, token_weights, old_logps, ref_logps, is_weights,
                 entropy_weights, codes: EpilogueCodes, inplace_backward: bool):
         rows = as_rows(logits)
-        terms = grpo_fwd(rows, ids, params, advantages, token_weights, codes.surrogate, codes.kl_estimator,
-                         codes.options, old_logps, ref_logps, is_weights, entropy_weights)
+        has_kl = codes.kl_estimator is not None
+        if has_kl and ref_logps is None:
+            raise ValueError("ref_logps is required with a KL term")
+        terms = TokenTerms(*grpo_fwd(
+            rows, ids, params, advantages, token_weights, old_logps, ref_logps if has_kl else None, is_weights,
+            entropy_weights, codes.surrogate, codes.kl_estimator or 0, codes.options,
+        ))
+        compute_entropy = bool(Option(codes.options) & Option.COMPUTE_ENTROPY)
+        terms = dataclasses.replace(terms, entropy=terms.entropy if compute_entropy else None,
+                                    kl=terms.kl if has_kl else None)
         loss = terms.loss.sum()
         entropy_dweights = None
         if entropy_weights is not None and terms.entropy is not None:

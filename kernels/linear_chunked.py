@@ -106,20 +106,11 @@ def linear_chunked_fwd(
     return logps, lse, entropy
 
 
-def linear_chunked_bwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    ids: Tensor,
-    lse: Tensor,
-    entropy: Optional[Tensor],
-    dlogps: Optional[Tensor],
-    dentropy: Optional[Tensor],
-    params: Tensor,
-    chunk_size: Optional[int] = None,
-    vocab_slice: Optional[int] = None,
-    needs: Tuple[bool, bool, bool] = (True, True, True),
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, lse: Tensor,
+                       entropy: Optional[Tensor], dlogps: Optional[Tensor], dentropy: Optional[Tensor], params: Tensor,
+                       chunk_size: Optional[int] = None, vocab_slice: Optional[int] = None,
+                       needs: Tuple[bool, bool, bool] = (True, True, True)
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the chunked strategy: a token-chunk pass for ``dhidden``, a vocab-slice pass
     for ``dweight`` / ``dbias``, each recomputing its logits.
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import P_INV_TEMPERATURE, launchable, triton_op
+from .common import P_INV_TEMPERATURE, launchable, load_param, triton_op
 from .splits import finish_partials, rescale_partials
 
 Tensor = torch.Tensor
@@ -79,6 +79,16 @@ def _logit_tile(
 
 
 @triton.jit
+def _token_block(ids, params, N, BLOCK_N: tl.constexpr):
+    """This program's tokens (axis 0 of the grid): ``(rows64, row_ok, target id, 1 / temperature)``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    target = tl.load(ids + rows64, mask=row_ok, other=-1).to(tl.int64)
+    return rows64, row_ok, target, load_param(params, P_INV_TEMPERATURE, tl.float32)
+
+
+@triton.jit
 def _linear_lse_fwd_kernel(
     hidden, weight, bias, ids, params,  # (N, H), (V, H), (V,) or None, (N,), (NUM_SLOTS,) float64
     part_max, part_sum, part_pz, part_target,  # (S, N) fp32 each; part_pz None without entropy
@@ -87,13 +97,8 @@ def _linear_lse_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    inv_temperature = tl.load(params + P_INV_TEMPERATURE).to(tl.float32)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    target = tl.load(ids + rows64, mask=row_ok, other=-1).to(tl.int64)
+    rows64, row_ok, target, inv_temperature = _token_block(ids, params, N, BLOCK_N)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -145,15 +150,10 @@ def _linear_lse_bwd_kernel(
     NEED_DHIDDEN: tl.constexpr, NEED_DWEIGHT: tl.constexpr, NEED_DBIAS: tl.constexpr,
     FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    inv_temperature = tl.load(params + P_INV_TEMPERATURE).to(tl.float32)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, row_ok, target, inv_temperature = _token_block(ids, params, N, BLOCK_N)
     cols64 = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols64 < V
-    target = tl.load(ids + rows64, mask=row_ok, other=-1).to(tl.int64)
     row_lse = tl.load(lse + rows64, mask=row_ok, other=0.0)
 
     z = _logit_tile(hidden, weight, bias, rows64, row_ok, cols64, col_ok, H,
@@ -245,15 +245,8 @@ def _kernel_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return hidden, weight, bias, precision
 
 
-def _tiled_fwd_launch(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    ids: Tensor,
-    params: Tensor,
-    compute_entropy: bool,
-    config: TiledConfig,
-) -> Tensor:
+def _tiled_fwd_launch(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, params: Tensor,
+                      compute_entropy: bool, config: TiledConfig) -> Tensor:
     """One launch of the forward kernel: the per-split partials ``(3 or 4, S, N)`` (max, sum,
     target, entropy partial)."""
     N, H = hidden.shape
@@ -369,78 +362,6 @@ def _tiled_bwd_op(
     return given(dhidden), given(dweight), given(dbias)
 
 
-def linear_lse_fwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    ids: Tensor,
-    params: Tensor,
-    compute_entropy: bool,
-    config: Optional[TiledConfig] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Forward of the tiled strategy.
-
-    Args:
-        hidden: ``(N, H)`` fp32 / bf16 / fp16 / fp64, any strides. weight: ``(V, H)``, any strides.
-        bias: ``(V,)`` or None. ids: ``(N,)`` integer in ``[0, V)``.
-        params: ``(NUM_SLOTS,)`` float64 hyperparameters on the device (the temperature).
-        compute_entropy: also return the entropy.
-
-    Returns:
-        ``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (of ``z = logits / temperature``).
-    """
-    cfg = config or default_config(hidden.device)
-    part = _tiled_fwd_op(hidden, weight, bias, ids, params, bool(compute_entropy), *_config_fields(cfg))
-    # Merge the splits in index order (deterministic): O(S * N), no pass over V.
-    part_max, part_sum, part_target = part[0], part[1], part[2]
-    row_max = part_max.amax(0)
-    sums, pz = rescale_partials(part_max, part_sum, part[3] if compute_entropy else None, row_max)
-    lse, entropy = finish_partials(row_max, sums.sum(0), None if pz is None else pz.sum(0))
-    return part_target.sum(0) - lse, lse, entropy
-
-
-def linear_lse_bwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    ids: Tensor,
-    lse: Tensor,
-    entropy: Optional[Tensor],
-    dlogps: Optional[Tensor],
-    dentropy: Optional[Tensor],
-    params: Tensor,
-    filter_eps: Optional[float] = None,
-    config: Optional[TiledConfig] = None,
-    needs: Tuple[bool, bool, bool] = (True, True, True),
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Backward of the tiled strategy: recomputes the logit tiles.
-
-    Args:
-        hidden, weight, bias, ids, params: as in :func:`linear_lse_fwd`.
-        lse / entropy: ``(N,)`` fp32 from the forward (entropy needed only with ``dentropy``).
-        dlogps / dentropy: ``(N,)`` gradients of the outputs, or None (zero).
-        filter_eps: skip tiles whose softmax is below it everywhere and that hold no target
-            (gradient filtering, an approximation); None (default) computes every tile.
-        needs: which of ``(dhidden, dweight, dbias)`` to compute (a frozen lm_head skips its
-            fp32 accumulator and half the backward GEMM work).
-
-    Returns:
-        ``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias; None where not
-        needed (dbias also without a bias).
-    """
-    cfg = config or default_config(hidden.device)
-    need_dbias = needs[2] and bias is not None
-    dhidden, dweight, dbias = _tiled_bwd_op(
-        hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy,
-        0.0 if filter_eps is None else float(filter_eps), needs[0], needs[1], need_dbias, *_config_fields(cfg),
-    )
-    return (
-        dhidden.to(hidden.dtype) if needs[0] else None,
-        dweight.to(weight.dtype) if needs[1] else None,
-        dbias.to(bias.dtype) if need_dbias else None,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiled:
     """The tiled strategy of :func:`grpo_fused.kernels.linear_log_softmax.linear_log_softmax`.
@@ -454,9 +375,34 @@ class Tiled:
     filter_eps: Optional[float] = None
     config: Optional[TiledConfig] = None
 
-    def forward(self, hidden, weight, bias, ids, params, compute_entropy):
-        return linear_lse_fwd(hidden, weight, bias, ids, params, compute_entropy, self.config)
+    def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, params: Tensor,
+                compute_entropy: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (of ``z = logits / temperature``), from
+        hidden ``(N, H)`` (fp32 / bf16 / fp16 / fp64, any strides), weight ``(V, H)``, bias ``(V,)`` or
+        None, ids ``(N,)`` and the ``(NUM_SLOTS,)`` float64 ``params`` on the device."""
+        cfg = self.config or default_config(hidden.device)
+        part = _tiled_fwd_op(hidden, weight, bias, ids, params, bool(compute_entropy), *_config_fields(cfg))
+        # Merge the splits in index order (deterministic): O(S * N), no pass over V.
+        part_max, part_sum, part_target = part[0], part[1], part[2]
+        row_max = part_max.amax(0)
+        sums, pz = rescale_partials(part_max, part_sum, part[3] if compute_entropy else None, row_max)
+        lse, entropy = finish_partials(row_max, sums.sum(0), None if pz is None else pz.sum(0))
+        return part_target.sum(0) - lse, lse, entropy
 
     def backward(self, hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, needs):
-        return linear_lse_bwd(hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, self.filter_eps,
-                              self.config, needs=needs)
+        """``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias (None where ``needs``
+        says no, and dbias without a bias), recomputing the logit tiles; ``lse`` / ``entropy`` from
+        :meth:`forward`, ``dlogps`` / ``dentropy`` ``(N,)`` or None (zero). With ``filter_eps`` a
+        tile whose softmax is below it everywhere and that holds no target is skipped."""
+        cfg = self.config or default_config(hidden.device)
+        need_dbias = needs[2] and bias is not None
+        dhidden, dweight, dbias = _tiled_bwd_op(
+            hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy,
+            0.0 if self.filter_eps is None else float(self.filter_eps), needs[0], needs[1], need_dbias,
+            *_config_fields(cfg),
+        )
+        return (
+            dhidden.to(hidden.dtype) if needs[0] else None,
+            dweight.to(weight.dtype) if needs[1] else None,
+            dbias.to(bias.dtype) if need_dbias else None,
+        )

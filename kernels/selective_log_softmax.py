@@ -35,20 +35,8 @@ import triton.language as tl
 
 from grpo_fused.semantics import NUM_SLOTS
 
-from .common import (
-    P_INV_TEMPERATURE,
-    TL_DTYPE,
-    RowLayout,
-    acc_dtype,
-    as_rows,
-    check_inplace_backward,
-    launch_config,
-    launchable,
-    load_param,
-    row_offset,
-    row_softmax_stats,
-    triton_op,
-)
+from .common import (P_INV_TEMPERATURE, TL_DTYPE, RowLayout, acc_dtype, as_rows, check_inplace_backward, launch_config,
+                     launchable, load_param, row_offset, row_softmax_stats, triton_op)
 
 Tensor = torch.Tensor
 
@@ -166,14 +154,10 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1).contiguous()
 
 
-def vocab_fwd(
-    logits: Tensor,
-    ids: Tensor,
-    params: Tensor,
-    compute_entropy: bool,
-    block_v: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """:func:`logits_fwd` for ``(N, V)`` or ``(B, T, V)`` logits; outputs are flat ``(N,)``."""
+def vocab_fwd(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, block_v: Optional[int] = None
+              ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The forward launcher: :func:`logits_fwd` for ``(N, V)`` or ``(B, T, V)`` logits, launched
+    directly (``block_v`` overrides the tile width); outputs are flat ``(N,)``."""
     layout = _check_vocab_inputs(logits, ids, params)
     acc = acc_dtype(logits.dtype)
     n = layout.n_rows
@@ -193,18 +177,11 @@ def vocab_fwd(
     return logps, lse, entropy
 
 
-def vocab_bwd(
-    logits: Tensor,
-    ids: Tensor,
-    lse: Tensor,
-    dlogps: Tensor,
-    dentropy: Optional[Tensor],
-    entropy: Optional[Tensor],
-    params: Tensor,
-    out: Optional[Tensor] = None,
-    block_v: Optional[int] = None,
-) -> Tensor:
-    """:func:`logits_bwd` for ``(N, V)`` or ``(B, T, V)`` logits; ``dlogps`` etc. are ``(N,)``."""
+def vocab_bwd(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
+              entropy: Optional[Tensor], params: Tensor, out: Optional[Tensor] = None, block_v: Optional[int] = None
+              ) -> Tensor:
+    """The backward launcher: :func:`logits_bwd` for ``(N, V)`` or ``(B, T, V)`` logits, launched
+    directly; ``dlogps`` etc. are ``(N,)``."""
     layout = _check_vocab_inputs(logits, ids, params)
     n = layout.n_rows
     for name, t in (("lse", lse), ("dlogps", dlogps), ("dentropy", dentropy), ("entropy", entropy)):
@@ -246,27 +223,22 @@ def _vocab_fwd_op(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: 
     return logps, lse, lse.new_empty(0) if entropy is None else entropy
 
 
+# The backward ops take (logits, ids, lse, dlogps, dentropy, entropy, params[, out]) as vocab_bwd.
 @triton_op("triton_vocab_bwd")
-def _vocab_bwd_op(
-    logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor], entropy: Optional[Tensor],
-    params: Tensor,
-) -> Tensor:
+def _vocab_bwd_op(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
+                  entropy: Optional[Tensor], params: Tensor) -> Tensor:
     return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, params)
 
 
 @triton_op("triton_vocab_bwd_out", mutates_args=("out",))
-def _vocab_bwd_out_op(
-    logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor], entropy: Optional[Tensor],
-    params: Tensor, out: Tensor,
-) -> None:
+def _vocab_bwd_out_op(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
+                      entropy: Optional[Tensor], params: Tensor, out: Tensor) -> None:
     vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, params, out=out)
 
 
 @triton_op("triton_vocab_bwd_inplace", mutates_args=("logits",))
-def _vocab_bwd_inplace_op(
-    logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor], entropy: Optional[Tensor],
-    params: Tensor,
-) -> None:
+def _vocab_bwd_inplace_op(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
+                          entropy: Optional[Tensor], params: Tensor) -> None:
     vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, params, out=logits)
 
 
@@ -333,16 +305,8 @@ def logits_bwd(
     return out
 
 
-def dlogits_from_row_grads(
-    rows: Tensor,
-    ids: Tensor,
-    lse: Tensor,
-    dlogps: Tensor,
-    dentropy: Optional[Tensor],
-    entropy: Optional[Tensor],
-    params: Tensor,
-    inplace: bool,
-) -> Tensor:
+def dlogits_from_row_grads(rows: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
+                           entropy: Optional[Tensor], params: Tensor, inplace: bool) -> Tensor:
     """The backward op, in place (the gradient overwrites ``rows``, which is returned) or not.
 
     Under torch.compile the out-of-place op is used: AOTAutograd does not let a backward graph

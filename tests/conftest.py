@@ -27,3 +27,26 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def fused_backends(op: str):
+    """``pytest.param``s of the fused backends that implement ``op`` on CPU tensors, each skipped
+    with the dispatcher's reason when it cannot run here."""
+    from grpo_fused import _dispatch
+
+    params = []
+    for name in ("cpp", "triton"):
+        reason = _dispatch._unavailable_reason(name, op, torch.device("cpu"))
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
+    return params
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny models: ops on a hidden size of 32 are far too
+    small to split, and on a shared 2-core machine extra threads only spin (measured: 0.07 s per
+    32x32 matmul with threads, ~1e-5 s without)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,20 +15,14 @@ import torch
 pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from grpo_fused import _dispatch  # noqa: E402
+from conftest import fused_backends  # noqa: E402
 from grpo_fused import trainer as T  # noqa: E402
 
 TINY = ["--hidden-size", "16", "--num-layers", "1", "--prompts-per-step", "2", "--num-generations", "4",
         "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls: intra-op threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -103,15 +97,9 @@ def test_prompts_file_and_user_reward(tmp_path, monkeypatch):
     assert all({"ab=": "a", "ba=": "b"}[p] == t for p, t in zip(seen_prompts, seen_targets))
 
 
-def _backends():
-    params = []
-    for name in ("cpp", "triton"):
-        reason = _dispatch._unavailable_reason(name, "linear_grpo_loss", torch.device("cpu"))
-        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
-    return params
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", fused_backends("linear_grpo_loss"))
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_fused_update_matches_reference(backend, loss_type):
     # One rollout, then one update per backend from the same weights: same loss, metrics and gradients.

@@ -7,8 +7,8 @@ misuse, ops with no lowering, pointer arithmetic of the wrong width. Triton's wh
 
 How: a child process, started without ``TRITON_INTERPRET`` (conftest sets it for this process
 and Triton reads it once at import), replaces ``JITFunction.run`` by a recorder and calls the
-real launchers (``vocab_fwd`` / ``vocab_bwd``, ``grpo_fwd``, ``linear_lse_fwd`` /
-``linear_lse_bwd``, ``group_stats``) on small CPU tensors with the GPU launch configuration.
+real launchers (``vocab_fwd`` / ``vocab_bwd``, ``grpo_fwd``, ``Tiled.forward`` /
+``Tiled.backward``, ``group_stats``) on small CPU tensors with the GPU launch configuration.
 Nothing runs; each recorded launch (its arguments, constexprs and ``num_warps`` / ``num_stages``
 exactly as the launcher produced them, after ``@triton.heuristics``) becomes an ``ASTSource``
 compiled by ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``. Pointers are marked
@@ -96,11 +96,11 @@ def _grpo_pass(dtype_name: str, with_old: bool, with_ref: bool, with_is: bool, v
         per_token = torch.zeros(N, dtype=acc)
         G.grpo_fwd(
             logits, ids, GRPOConfig(**config).params.values, per_token, torch.ones(N, dtype=acc),
-            int(spec.loss_type.surrogate), None if spec.kl is None else int(spec.kl), int(spec.options),
-            old_logps=per_token.clone() if with_old else None,
-            ref_logps=per_token.clone() if with_ref else None,
-            is_weights=torch.ones(N, dtype=acc) if with_is else None,
-            entropy_weights=torch.ones(N, dtype=acc) if spec.entropy_bonus else None,
+            per_token.clone() if with_old else None,
+            per_token.clone() if with_ref else None,
+            torch.ones(N, dtype=acc) if with_is else None,
+            torch.ones(N, dtype=acc) if spec.entropy_bonus else None,
+            int(spec.loss_type.surrogate), int(spec.kl or 0), int(spec.options),
         )
 
     return run
@@ -121,14 +121,12 @@ def _linear_pass(dtype_name: str, bias: bool, entropy: bool, dlogps: bool, dentr
         from grpo_fused.semantics import vocab_values
 
         params = vocab_values(1.3)
-        _, lse, ent = L.linear_lse_fwd(hidden, weight, b, ids, params, entropy, cfg)
+        tiled = L.Tiled(filter_eps, cfg)
+        _, lse, ent = tiled.forward(hidden, weight, b, ids, params, entropy)
         if ent is None:
             ent = torch.zeros_like(lse)
-        L.linear_lse_bwd(
-            hidden, weight, b, ids, lse, ent,
-            torch.ones_like(lse) if dlogps else None, torch.ones_like(lse) if dentropy else None,
-            params, filter_eps, cfg, needs=needs,
-        )
+        tiled.backward(hidden, weight, b, ids, params, lse, ent, torch.ones_like(lse) if dlogps else None,
+                       torch.ones_like(lse) if dentropy else None, needs)
 
     return run
 

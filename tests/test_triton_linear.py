@@ -357,13 +357,13 @@ def test_tiled_vocab_splits_merge():
     # The forward merges per-split partials; 1, 3 and 5 (= one tile each) splits agree with the truth.
     hidden, weight, b, ids = make_linear(N, H, V, torch.float32, seed=11)
     truth = R.linear_log_softmax(hidden.double(), weight.double(), ids, 1.0, b.double(), True)
-    for splits in (1, 3, 5):
-        cfg = linear_tiled.TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=splits, num_warps=4)
-        logps, lse, entropy = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, temp(1.0), True, cfg)
+    for num_splits in (1, 3, 5):
+        cfg = linear_tiled.TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=num_splits, num_warps=4)
+        logps, lse, entropy = linear_tiled.Tiled(config=cfg).forward(hidden, weight, b, ids, temp(1.0), True)
         assert _max_err(logps, truth[0]) <= 2e-5 * _scale(truth[0])
         assert _max_err(entropy, truth[1]) <= 2e-5 * _scale(truth[1])
         # Same split count, same bits: the merge order is fixed.
-        again = linear_tiled.linear_lse_fwd(hidden, weight, b, ids, temp(1.0), True, cfg)
+        again = linear_tiled.Tiled(config=cfg).forward(hidden, weight, b, ids, temp(1.0), True)
         assert all(torch.equal(x, y) for x, y in zip((logps, lse, entropy), again))
 
 

@@ -513,15 +513,16 @@ def test_grpo_fwd_bad_inputs_raise_before_launch():
     params = temp(1.0)
     clip = int(Surrogate.CLIP)
     with pytest.raises(ValueError, match="advantages"):
-        gl.grpo_fwd(logits, ids, params, adv.double(), w, clip)
+        gl.grpo_fwd(logits, ids, params, adv.double(), w, None, None, None, None, clip, 0, 0)
     with pytest.raises(ValueError, match="token_weights"):
-        gl.grpo_fwd(logits, ids, params, adv, w[:3], clip)
-    with pytest.raises(ValueError, match="ref_logps"):
-        gl.grpo_fwd(logits, ids, params, adv, w, clip, kl_estimator=int(KLEstimator.K3))
+        gl.grpo_fwd(logits, ids, params, adv, w[:3], None, None, None, None, clip, 0, 0)
     with pytest.raises(ValueError, match="ids"):
-        gl.grpo_fwd(logits, ids[:, :2], params, adv, w, clip)
+        gl.grpo_fwd(logits, ids[:, :2], params, adv, w, None, None, None, None, clip, 0, 0)
     with pytest.raises(TypeError, match="params"):
-        gl.grpo_fwd(logits, ids, params.float(), adv, w, clip)
+        gl.grpo_fwd(logits, ids, params.float(), adv, w, None, None, None, None, clip, 0, 0)
+    codes = gl.EpilogueCodes(clip, int(KLEstimator.K3), 0)
+    with pytest.raises(ValueError, match="ref_logps"):
+        gl.GRPOLogitsLoss.apply(logits, ids, params, adv, w, None, None, None, None, codes, False)
     with pytest.raises(ValueError, match="inplace_backward"):
         triton_loss(logits.transpose(1, 2).contiguous().transpose(1, 2), completion_ids=ids, advantages=adv[:3],
                     inplace_backward=True)

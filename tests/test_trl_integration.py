@@ -43,14 +43,7 @@ def _reward(prompts, completions, **kwargs):
     return [float(len(c)) * 0.1 + c.count("a") - 0.5 * c.count("b") for c in completions]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Ops on a hidden size of 32 are far too small to split; on a shared 2-core machine extra
-    # intra-op threads only spin (measured: 0.07 s per 32x32 matmul with threads, ~1e-5 s without).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from conftest import fused_backends
 from grpo_fused.integrations import verl as gf_verl
 
 B, T = 5, 7
@@ -354,17 +355,9 @@ def test_linear_cross_entropy_rejects_what_it_cannot_do():
         gf_verl.linear_cross_entropy(hidden, weight, labels + 9)
 
 
-def _fused_backends():
-    from grpo_fused import _dispatch
-
-    params = []
-    for name in ("cpp", "triton"):
-        reason = _dispatch._unavailable_reason(name, "linear_log_softmax", torch.device("cpu"))
-        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
-    return params
 
 
-@pytest.mark.parametrize("backend", _fused_backends())
+@pytest.mark.parametrize("backend", fused_backends("linear_log_softmax"))
 def test_linear_cross_entropy_fused_backends(backend):
     # fp32 inputs (the Triton interpreter's tl.dot is only right in fp32), float64 ground truth.
     g = torch.Generator().manual_seed(7)

@@ -24,6 +24,7 @@ __all__ = [
     "IS_LEVELS",
     "KLEstimator",
     "KL_ESTIMATOR_ALIASES",
+    "KL_ESTIMATOR_NAMES",
     "LOSS_AGG_MODES",
     "LOSS_TYPES",
     "LOSS_TYPE_ALIASES",

@@ -69,18 +69,10 @@ def _as_column(x: Optional[Tensor]) -> Optional[Tensor]:
     return x.unsqueeze(-1) if x is not None and x.dim() == 1 else x
 
 
-def grpo_loss_from_logps(
-    logps: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    params: LossParams,
-    old_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    entropy: Optional[Tensor] = None,
-    is_weights: Optional[Tensor] = None,
-    num_items_in_batch=None,
-    global_batch_size=None,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
+def grpo_loss_from_logps(logps: Tensor, advantages: Tensor, mask: Tensor, params: LossParams,
+                         old_logps: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                         entropy: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
+                         num_items_in_batch=None, global_batch_size=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The GRPO-family loss of per-token log-probs ``(B, T)``; returns ``(loss, metrics)``.
 
     All tensors in one float dtype. ``old_logps=None`` means ``logps.detach()`` (ratio 1,

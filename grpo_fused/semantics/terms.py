@@ -162,15 +162,9 @@ def _extreme(values: Tensor, keep: Tensor, largest: bool) -> Tensor:
     return torch.where(keep.any(), out, torch.full_like(out, float("nan")))
 
 
-def token_metrics(
-    spec: LossSpec,
-    mask: Tensor,
-    ratio: Tensor,
-    kl: Optional[Tensor] = None,
-    entropy: Optional[Tensor] = None,
-    low: Optional[Tensor] = None,
-    high: Optional[Tensor] = None,
-) -> Dict[str, Tensor]:
+def token_metrics(spec: LossSpec, mask: Tensor, ratio: Tensor, kl: Optional[Tensor] = None,
+                  entropy: Optional[Tensor] = None, low: Optional[Tensor] = None, high: Optional[Tensor] = None
+                  ) -> Dict[str, Tensor]:
     """The metrics the loss type reports (TRL's names), as 0-dim tensors: no host sync.
 
     ``kl`` (when there is a KL term), ``entropy`` (when computed), ``ratio``, and the loss type's
