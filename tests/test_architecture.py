@@ -1,0 +1,105 @@
+"""The architecture's promises, checked: what each layer may import, and hyperparameters as data.
+
+* ``kernels/`` imports nothing of the package but the neutral semantics layer, and the semantics
+  layer imports nothing of the package at all (it is the bottom layer).
+* A ``torch.compile(fullgraph=True)`` training step that calls the public losses with a new
+  :class:`grpo_fused.GRPOConfig` differing only in float hyperparameters compiles once and gives
+  the values of the new config (the floats travel as ``config.params.values``, a tensor).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+import torch
+
+import grpo_fused as gf
+from grpo_fused import _dispatch
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _package_imports(path):
+    """Modules a file imports from the ``grpo_fused`` package (absolute names; relative ones resolved
+    against the file's own package ``prefix``)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(("." * node.level) + (node.module or ""))
+    return names
+
+
+def _files(folder):
+    return sorted(os.path.join(ROOT, folder, f) for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("path", _files("kernels"), ids=os.path.basename)
+def test_kernels_import_only_the_semantics_layer(path):
+    for name in _package_imports(path):
+        if name.startswith("grpo_fused"):
+            assert name == "grpo_fused.semantics" or name.startswith("grpo_fused.semantics."), (
+                f"{os.path.basename(path)} imports {name}: kernels/ may read only grpo_fused.semantics")
+        elif name.startswith("."):
+            assert not name.startswith(".."), f"{os.path.basename(path)} imports {name} from above kernels/"
+
+
+@pytest.mark.parametrize("path", _files(os.path.join("grpo_fused", "semantics")), ids=os.path.basename)
+def test_semantics_layer_imports_nothing_above_it(path):
+    for name in _package_imports(path):
+        assert not name.startswith("grpo_fused") and not name.startswith(".."), (
+            f"semantics/{os.path.basename(path)} imports {name}: the semantics layer is the bottom layer")
+
+
+def _cpp_reason():
+    return _dispatch._unavailable_reason("cpp", "grpo_loss", torch.device("cpu"))
+
+
+# Five configs of one loss type and options, differing in every float hyperparameter.
+FLOAT_SCHEDULE = [
+    dict(beta=0.04, temperature=1.0, epsilon_low=0.2, epsilon_high=0.28, delta=2.0, entropy_coef=0.01),
+    dict(beta=0.10, temperature=0.7, epsilon_low=0.1, epsilon_high=0.18, delta=2.5, entropy_coef=0.02),
+    dict(beta=0.30, temperature=1.3, epsilon_low=0.25, epsilon_high=0.33, delta=3.0, entropy_coef=0.03),
+    dict(beta=0.02, temperature=0.9, epsilon_low=0.3, epsilon_high=0.38, delta=1.5, entropy_coef=0.04),
+    dict(beta=0.50, temperature=1.1, epsilon_low=0.15, epsilon_high=0.23, delta=4.0, entropy_coef=0.05),
+]
+
+
+@pytest.mark.skipif(_cpp_reason() is not None, reason=f"the C++ extension is not available: {_cpp_reason()}")
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_new_float_hyperparameters_compile_once(path):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    B, T, V, H = 2, 5, 33, 8
+    ids = torch.randint(0, V, (B, T), generator=g)
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    old = torch.randn(B, T, generator=g) * 0.1 - 3
+    ref = old + 0.1
+    feature = torch.randn(B, T, H if path == "linear" else V, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.5
+
+    def loss(x, config, backend):
+        if path == "linear":
+            return gf.linear_grpo_loss(x, weight, ids, adv, mask, old, ref, config=config, backend=backend).loss
+        return gf.grpo_loss(x, ids, adv, mask, old, ref, config=config, backend=backend).loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda x, config: loss(x, config, "cpp"), fullgraph=True, backend=counter)
+    for floats in FLOAT_SCHEDULE:
+        config = gf.GRPOConfig(loss_type="dapo", **floats)
+        x = feature.clone().requires_grad_()
+        got = step(x, config)
+        got.backward()
+        y = feature.clone().requires_grad_()
+        want = loss(y, config, "reference")
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for {len(FLOAT_SCHEDULE)} float-only changes"
