@@ -47,13 +47,32 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others):
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
-def check_ids_in_range(name: str, ids: torch.Tensor, vocab_size: int):
+def check_ids_in_range(name: str, ids: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor] = None):
+    """Ids in ``[0, vocab_size)``; with ``mask``, only the masked-in ones (padding such as -100 at
+    a masked position is allowed: it is never read). One host sync (skipped when traced)."""
     if not CHECK_IDS or ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    if mask is not None:
+        ids = torch.where(mask != 0, ids, torch.zeros_like(ids))
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocab size), found {bad}")
+        where = " at a masked-in position" if mask is not None else ""
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocab size){where}, found {bad}")
+
+
+def check_inplace_target(name: str, t: torch.Tensor):
+    """``inplace_backward`` writes the gradient over ``t``: refuse memory where two elements share
+    an address (a stride-0 dim, rows closer than their length), which would get a wrong gradient."""
+    extent = 1  # elements spanned by the dims walked so far, smallest stride first
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < extent:
+            raise ValueError(
+                f"inplace_backward=True needs {name} whose elements do not share memory (an expanded or "
+                f"overlapping view would get a wrong gradient), got shape {tuple(t.shape)} strides {t.stride()}; "
+                f"pass a contiguous copy or inplace_backward=False"
+            )
+        extent += stride * (size - 1)
 
 
 def check_config(config) -> GRPOConfig:
@@ -79,16 +98,21 @@ def check_positive_int(name: str, value, optional: bool = True):
 
 
 def check_normalizer(name: str, value):
+    """A Python number must be finite and > 0. A tensor (one element, float or integer) is not read
+    (no host sync): like every normalizer it is clamped to >= 1 token, so a value <= 0 acts as 1,
+    a NaN gives a NaN loss and an infinite one a loss of 0 (README, Semantics)."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {_fmt(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a float or integer tensor, got {value.dtype}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def check_loss_inputs(features_name: str, features: torch.Tensor, batch: LossBatch, config: GRPOConfig):
@@ -96,6 +120,8 @@ def check_loss_inputs(features_name: str, features: torch.Tensor, batch: LossBat
     hidden states); the id range is checked separately, against the vocabulary size."""
     check_tensor(features_name, features, ndim=(3,), kind="float")
     B, T = features.shape[0], features.shape[1]
+    if features_name == "logits" and features.shape[-1] < 1:
+        raise ValueError(f"logits must have a vocab dim V >= 1, got shape {_fmt(features.shape)}")
     check_tensor("completion_ids", batch.completion_ids, ndim=(2,), kind="int")
     if tuple(batch.completion_ids.shape) != (B, T):
         raise ValueError(

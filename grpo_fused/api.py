@@ -8,6 +8,7 @@ hyperparameters as ``config.params`` (:class:`~grpo_fused.semantics.LossParams`)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -64,9 +65,11 @@ def grpo_loss(
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
                       num_items_in_batch, global_batch_size)
     v.check_loss_inputs("logits", logits, batch, config)
-    v.check_ids_in_range("completion_ids", completion_ids, logits.shape[-1])
+    v.check_ids_in_range("completion_ids", completion_ids, logits.shape[-1], completion_mask)
+    if inplace_backward:
+        v.check_inplace_target("logits", logits)
     impl = _dispatch.resolve("grpo_loss", backend, logits.device)
-    return impl(logits, batch, config.params, inplace_backward=inplace_backward)
+    return impl(logits, _readable_ids(batch), config.params, inplace_backward=inplace_backward)
 
 
 def linear_grpo_loss(
@@ -108,10 +111,10 @@ def linear_grpo_loss(
     v.check_tensor("hidden", hidden, ndim=(3,), kind="float")
     v.check_linear_weights(hidden, weight, bias)
     v.check_loss_inputs("hidden", hidden, batch, config)
-    v.check_ids_in_range("completion_ids", completion_ids, weight.shape[0])
+    v.check_ids_in_range("completion_ids", completion_ids, weight.shape[0], completion_mask)
     _check_strategy_options(strategy, chunk_size, filter_eps)
     impl = _dispatch.resolve("linear_grpo_loss", backend, hidden.device)
-    return impl(hidden, weight, bias, batch, config.params, strategy=strategy, chunk_size=chunk_size,
+    return impl(hidden, weight, bias, _readable_ids(batch), config.params, strategy=strategy, chunk_size=chunk_size,
                 filter_eps=filter_eps)
 
 
@@ -135,7 +138,7 @@ def selective_log_softmax(
     v.check_vocab_inputs("logits", logits, ids, temperature)
     v.check_ids_in_range("ids", ids, logits.shape[-1])
     impl = _dispatch.resolve("selective_log_softmax", backend, logits.device)
-    return impl(logits, ids, temperature, compute_entropy)
+    return impl(logits, _as_index(ids), temperature, compute_entropy)
 
 
 def linear_log_softmax(
@@ -161,8 +164,8 @@ def linear_log_softmax(
     v.check_ids_in_range("ids", ids, weight.shape[0])
     _check_strategy_options(strategy, chunk_size, filter_eps)
     impl = _dispatch.resolve("linear_log_softmax", backend, hidden.device)
-    return impl(hidden, weight, bias, ids, temperature, compute_entropy, strategy=strategy, chunk_size=chunk_size,
-                filter_eps=filter_eps)
+    return impl(hidden, weight, bias, _as_index(ids), temperature, compute_entropy, strategy=strategy,
+                chunk_size=chunk_size, filter_eps=filter_eps)
 
 
 def group_advantages(
@@ -237,6 +240,20 @@ def group_advantages(
     impl = _dispatch.resolve("group_advantages", backend, rewards.device)
     return impl(rewards, AdvantageRequest(group_size, group_ids, group_offsets, reward_weights, keep_mask, scale,
                                           bool(unbiased), float(eps)))
+
+
+def _as_index(ids: Tensor) -> Tensor:
+    """int32 / int64 ids as they are; any other integer dtype widened to int64 (every kernel reads those)."""
+    return ids if ids.dtype in (torch.int32, torch.int64) else ids.to(torch.int64)
+
+
+def _readable_ids(batch: LossBatch) -> LossBatch:
+    """The batch with ids every backend may read: id 0 at masked positions (where padding such as
+    -100 may stand; nothing there reaches the loss) and an int32 / int64 dtype."""
+    ids = _as_index(batch.completion_ids)
+    if batch.completion_mask is not None:
+        ids = torch.where(batch.completion_mask != 0, ids, torch.zeros_like(ids))
+    return dataclasses.replace(batch, completion_ids=ids)
 
 
 def _check_strategy_options(strategy, chunk_size, filter_eps) -> None:

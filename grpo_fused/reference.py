@@ -186,8 +186,12 @@ def group_advantages(
     total = torch.zeros_like(count).index_add_(0, index, rv)
     mean = total / count  # NaN for a group with no valid reward
     dev = torch.where(valid, r - mean[index], torch.zeros_like(r))
-    sq = torch.zeros_like(count).index_add_(0, index, dev * dev)
-    std = torch.sqrt(sq / (count - 1 if unbiased else count))
+    # Squares of deviations near 1e30 overflow fp32: sum the squares of dev / max|dev| instead.
+    spread = torch.zeros_like(count).scatter_reduce_(0, index, dev.abs(), "amax")
+    spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+    scaled = dev / spread[index]
+    sq = torch.zeros_like(count).index_add_(0, index, scaled * scaled)
+    std = spread * torch.sqrt(sq / (count - 1 if unbiased else count))
     std = torch.where(count > (1 if unbiased else 0), std, torch.full_like(std, float("nan")))
 
     if scale == "group":
@@ -196,7 +200,10 @@ def group_advantages(
         n = w.sum()
         batch_mean = rv.sum() / n
         batch_dev = torch.where(valid, r - batch_mean, torch.zeros_like(r))
-        denom = torch.sqrt((batch_dev * batch_dev).sum() / (n - 1 if unbiased else n)) + eps
+        batch_spread = batch_dev.abs().max() if B > 0 else torch.ones((), dtype=r.dtype, device=r.device)
+        batch_spread = torch.where(batch_spread > 0, batch_spread, torch.ones_like(batch_spread))
+        batch_scaled = batch_dev / batch_spread
+        denom = batch_spread * torch.sqrt((batch_scaled * batch_scaled).sum() / (n - 1 if unbiased else n)) + eps
     elif scale == "none":
         denom = torch.ones_like(r)
     else:

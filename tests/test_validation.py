@@ -44,7 +44,7 @@ LOSS_CASES = [
     ({"ref_logps": torch.zeros(B, T, dtype=torch.long)}, TypeError, "ref_logps must be float32"),
     ({"ref_logps": None}, ValueError, "ref_logps is required when config.beta != 0"),
     ({"is_weights": torch.ones(B, T + 1)}, ValueError, "is_weights must have shape"),
-    ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch must be > 0"),
+    ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch must be a finite number > 0"),
     ({"num_items_in_batch": "12"}, TypeError, "num_items_in_batch must be a number"),
     ({"config": {"loss_type": "dapo"}}, TypeError, "config must be a grpo_fused.GRPOConfig"),
     ({"backend": "cuda"}, ValueError, "backend must be one of"),

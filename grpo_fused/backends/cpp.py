@@ -250,7 +250,7 @@ def _linear_vocab_pass(hidden, weight, bias, ids, params, compute_entropy, strat
     if filter_eps is not None:
         raise ValueError("filter_eps applies to the tiled strategy, which the C++ backend does not have")
     out_shape = ids.shape
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_hidden = hidden.reshape(ids.numel(), hidden.shape[-1])  # explicit N: H may be 0
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
     # One chunk policy for every path: the C++ chunk holds fp32 (fp64) logits and nothing else.
     rows = chunk_size or chunk_rows(flat_hidden.shape[0], weight.shape[0],

@@ -77,7 +77,7 @@ def token_weights(
     if global_batch_size is None:
         sequences = (mask.sum(-1) > 0).to(mask.dtype).sum().clamp(min=1.0)
     else:
-        sequences = _as_count(global_batch_size, mask)
+        sequences = _as_count(global_batch_size, mask).clamp(min=1.0)
     scale = spec.dp_size / sequences
     if norm is Normalizer.VERL_SEQ_MEAN_TOKEN_SUM:
         return mask * scale
@@ -97,7 +97,8 @@ def reduce_tokens(values: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
     """``sum(w * l)`` over masked-in positions: a masked position is selected out, never multiplied,
     so whatever stands there (inf, NaN) reaches neither the sum nor its gradient. ``values`` may
     be ``(B, T)`` or ``(B, 1)`` (one value per sequence, counted at each of its tokens)."""
-    return torch.where(mask > 0, weights * values, torch.zeros_like(weights)).sum()
+    products = weights * values
+    return torch.where(mask != 0, products, torch.zeros_like(products)).sum()
 
 
 

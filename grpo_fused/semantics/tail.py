@@ -20,7 +20,7 @@ from .outputs import GRPOOutput
 from .params import LossParams, Option
 from .reduction import entropy_weights, reduce_tokens, token_weights
 from .table import Surrogate
-from .terms import clip_flags, kl_estimate, policy_token_loss, token_metrics
+from .terms import clip_flags, kl_estimate, masked, policy_token_loss, token_metrics
 
 Tensor = torch.Tensor
 
@@ -69,6 +69,38 @@ def _as_column(x: Optional[Tensor]) -> Optional[Tensor]:
     return x.unsqueeze(-1) if x is not None and x.dim() == 1 else x
 
 
+def _neutral_where_masked(mask: Tensor, logps: Tensor, advantages: Tensor, old_logps: Optional[Tensor],
+                          ref_logps: Optional[Tensor], entropy: Optional[Tensor], is_weights: Optional[Tensor]):
+    """The inputs with every masked position (``mask == 0``) replaced by a neutral value: log-probs
+    and entropy 0 (the vocab pass then receives exactly zero gradient there), old and reference
+    log-probs equal to the current ones (ratio 1, KL 0), advantage 0, IS weight 1. A ``(B, 1)``
+    advantage or IS weight is replaced on sequences without any masked-in token.
+
+    TRL passes ``ref_logps = 0`` at padding; against a padding logit of -200 that is
+    ``exp(200)``: selected out here, it reaches neither the loss, a metric nor a gradient.
+    """
+    keep = mask != 0
+    keep_sequence = keep.any(-1, keepdim=True)
+
+    def select(x, neutral):
+        if x is None:
+            return None
+        where = keep if x.shape[-1] == keep.shape[-1] else keep_sequence
+        return torch.where(where, x, neutral)
+
+    zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    logps = select(logps, zero)
+    anchor = logps.detach()
+    return (
+        logps,
+        select(advantages, zero),
+        anchor if old_logps is None else select(old_logps, anchor),
+        None if ref_logps is None else select(ref_logps, anchor),
+        select(entropy, zero),
+        select(is_weights, torch.ones((), dtype=logps.dtype, device=logps.device)),
+    )
+
+
 def grpo_loss_from_logps(logps: Tensor, advantages: Tensor, mask: Tensor, params: LossParams,
                          old_logps: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
                          entropy: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
@@ -78,34 +110,33 @@ def grpo_loss_from_logps(logps: Tensor, advantages: Tensor, mask: Tensor, params
     All tensors in one float dtype. ``old_logps=None`` means ``logps.detach()`` (ratio 1,
     on-policy). ``is_weights`` (TRL's vLLM correction) multiplies the policy term, not the KL;
     for gmpo its masked geometric mean per sequence, as verl does. ``entropy`` enables the
-    entropy metric and, with ``Option.ENTROPY_BONUS``, the bonus.
+    entropy metric and, with ``Option.ENTROPY_BONUS``, the bonus. Whatever stands at a masked
+    position (``mask == 0``) of any input is selected out first (:func:`_neutral_where_masked`).
     """
     spec = params.spec
     h = params.hyper(logps.dtype, logps.device)
-    if old_logps is None:
-        old_logps = logps.detach()
-    advantages = _as_column(advantages)
-    is_weights = _as_column(is_weights)
+    if spec.kl is not None and ref_logps is None:
+        raise ValueError("ref_logps is required when beta != 0")
+    logps, advantages, old_logps, ref_logps, entropy, is_weights = _neutral_where_masked(
+        mask, logps, _as_column(advantages), old_logps, ref_logps, entropy, _as_column(is_weights))
     policy, ratio = policy_token_loss(logps, old_logps, advantages, mask, params)
     geo_mean = spec.loss_type.surrogate is Surrogate.GEO_MEAN
     if is_weights is not None:
         if geo_mean:
             n = mask.sum(-1, keepdim=True)
-            log_w = (torch.log(is_weights + 1e-10) * mask).sum(-1, keepdim=True)
+            log_w = masked(torch.log(is_weights + 1e-10), mask).sum(-1, keepdim=True)
             is_weights = torch.exp(log_w / (n + 1e-8))
         policy = policy * is_weights
 
     weights = token_weights(mask, spec, num_items_in_batch, global_batch_size)
     if geo_mean:
         # verl: the geometric-mean term is one value per sequence, averaged over sequences
-        # whatever the aggregation mode; the KL below follows the mode.
-        loss = policy.mean()
+        # whatever the aggregation mode; the KL below follows the mode. No sequence: 0, not NaN.
+        loss = policy.sum() / max(policy.shape[0], 1)
     else:
         loss = reduce_tokens(policy, weights, mask)
     kl = None
     if spec.kl is not None:
-        if ref_logps is None:
-            raise ValueError("ref_logps is required when beta != 0")
         kl = kl_estimate(logps, ref_logps, spec.kl)
         if spec.has(Option.BIAS_CORRECT_KL):
             kl = kl * ratio

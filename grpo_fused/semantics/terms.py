@@ -20,6 +20,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "clip_flags",
+    "masked",
     "importance_log_ratio",
     "kl_estimate",
     "masked_sequence_mean",
@@ -54,9 +55,16 @@ def kl_estimate(logps: Tensor, ref_logps: Tensor, estimator="k3") -> Tensor:
     return (logps - ref_logps).abs()
 
 
+def masked(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * m`` where ``m != 0`` and exactly 0 elsewhere: a masked position is selected out, so an
+    inf or NaN standing there reaches neither the value nor the gradient (``0 * inf`` would)."""
+    x = x * mask
+    return torch.where(mask != 0, x, torch.zeros_like(x))
+
+
 def masked_sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
     """``sum_t x * m / max(sum_t m, 1)``: ``(B, T) -> (B, 1)``."""
-    return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return masked(x, mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
 
 
 def importance_log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, sequence_level: bool) -> Tensor:
@@ -112,8 +120,8 @@ def _gmpo_sequence_loss(logps, old_logps, advantages, mask, h: Hyper):
     clamped = torch.clamp(log_ratio, -h.epsilon_low, h.epsilon_high)
     log_ratio_min = sign * torch.min(sign * log_ratio, sign * clamped)
     n = mask.sum(-1, keepdim=True)
-    ratio = torch.exp((log_ratio_min * mask).sum(-1, keepdim=True) / (n + 1e-8))
-    seq_adv = (advantages * mask).sum(-1, keepdim=True) / (n + 1e-8)
+    ratio = torch.exp(masked(log_ratio_min, mask).sum(-1, keepdim=True) / (n + 1e-8))
+    seq_adv = masked(advantages, mask).sum(-1, keepdim=True) / (n + 1e-8)
     return -seq_adv * ratio, ratio
 
 
@@ -141,15 +149,14 @@ def metric_mean(x: Tensor, mask: Tensor) -> Tensor:
     one per masked-in token (masked positions selected out)."""
     if x.shape[-1] == 1 and mask.shape[-1] != 1:
         return x.sum() / max(x.shape[0], 1)
-    x = x.expand_as(mask)
-    return torch.where(mask > 0, x * mask, torch.zeros_like(mask)).sum() / mask.sum().clamp(min=1.0)
+    return masked(x.expand_as(mask), mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _sequence_fraction(flags: Tensor, mask: Tensor) -> Tensor:
     """Per-sequence masked mean ``(B,)`` of a ``(B, T)`` flag; a ``(B, 1)`` flag is already one."""
     if flags.shape[-1] == 1 and mask.shape[-1] != 1:
         return flags[:, 0]
-    return (flags.expand_as(mask) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return masked(flags.expand_as(mask), mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
 def _extreme(values: Tensor, keep: Tensor, largest: bool) -> Tensor:
