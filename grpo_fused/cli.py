@@ -24,6 +24,40 @@ from typing import List, Optional
 DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
 
 
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line naming it, exit status 2, before any work."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``<prog>: error: <message>`` on stderr and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_checked(prog: str, fn, *args) -> int:
+    """``fn(*args)``, with a :class:`UsageError` (or the ValueError / TypeError of a check that runs
+    before any work) printed as one line and turned into exit status 2."""
+    try:
+        return fn(*args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def writable_dir(name: str, path: str) -> str:
+    """``path`` created if needed and proven writable now, not after a long run."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".grpo-fused-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{name} {path!r} is not a writable folder ({exc.strerror or exc})") from None
+    return path
+
+
 def _csv(text: str) -> List[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -39,9 +73,32 @@ def _ints(text: str) -> List[int]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -57,20 +114,21 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="logits / hidden dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"results folder (default: {DEFAULT_OUT_DIR})")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per implementation (default 600)")
+    p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per implementation (default 600)")
     p.add_argument("--plain", action="store_true", help="plain-text table instead of rich")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grpo-fused", description="Fused GRPO-family losses: benchmarks and tools.")
+    parser = OneLineParser(prog="grpo-fused", description="Fused GRPO-family losses: benchmarks and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time and memory of every available implementation, side by side")
     _add_common(bench)
     bench.add_argument("--batch", type=_positive_int, default=None, help="B (default: 8 on GPU, 2 on CPU)")
     bench.add_argument("--seq", type=_positive_int, default=None, help="T (default: 2048 on GPU, 128 on CPU)")
-    bench.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 3 GPU, 1 CPU)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=None,
+                       help="untimed iterations (default: 3 GPU, 1 CPU)")
     bench.add_argument("--reps", type=_positive_int, default=None, help="timed iterations (default: 20 GPU, 3 CPU)")
     bench.add_argument("--long", action="store_true",
                        help="GPU: add DESIGN.md's long-sequence linear case, N = 1 x 131072")
@@ -86,16 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_device(name: str):
+def resolve_device(name: str, option: str = "--device"):
+    """``auto`` (cuda when present, else cpu), ``cpu`` or ``cuda[:i]`` of a visible GPU."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("grpo-fused: --device cuda asked for, but no CUDA GPU is visible")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{option} must be auto, cpu or cuda[:i], got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"grpo-fused: --device must be cpu or cuda, got {name!r}")
+        raise UsageError(f"{option} must be auto, cpu or cuda[:i], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{option} {name} asked for, but no CUDA GPU is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{option} {name}: there are {torch.cuda.device_count()} GPUs")
     return device
 
 
@@ -165,7 +229,7 @@ def _check_ops(ops):
 
     bad = [op for op in ops if op not in bm.OPS]
     if bad or not ops:
-        raise SystemExit(f"grpo-fused: --ops must be a comma-separated subset of {bm.OPS}, got {ops}")
+        raise UsageError(f"--ops must be a comma-separated subset of {bm.OPS}, got {ops}")
 
 
 def _check_providers(names):
@@ -175,16 +239,23 @@ def _check_providers(names):
         return
     known = {p.name for p in bm.PROVIDERS}
     unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"grpo-fused: unknown provider(s) {unknown}; known: {', '.join(sorted(known))}")
+    if unknown or not names:
+        raise UsageError(f"--providers: unknown provider(s) {unknown}; known: {', '.join(sorted(known))}")
+
+
+def _check_common(args):
+    """Every check of the options bench and profile-memory share; returns the device."""
+    _check_ops(args.ops)
+    _check_providers(args.providers)
+    device = resolve_device(args.device)
+    writable_dir("--out-dir", args.out_dir)
+    return device
 
 
 def cmd_bench(args) -> int:
     from .benchmarks import harness as bm
 
-    _check_ops(args.ops)
-    _check_providers(args.providers)
-    device = _resolve_device(args.device)
+    device = _check_common(args)
     gpu = device.type == "cuda"
     cases = []
     for case in bm.default_cases(device.type, args.ops, long=args.long):
@@ -219,9 +290,7 @@ def cmd_bench(args) -> int:
 def cmd_profile_memory(args) -> int:
     from .benchmarks import harness as bm
 
-    _check_ops(args.ops)
-    _check_providers(args.providers)
-    device = _resolve_device(args.device)
+    device = _check_common(args)
     sweep = bm.default_sweep(device.type)
     for key, value in (("B", args.batch), ("seq_lens", args.seq_lens), ("V", args.vocab), ("H", args.hidden),
                        ("dtype", args.dtype)):
@@ -264,6 +333,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Everything after "train" belongs to the trainer, --help included.
         return cmd_train(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        return cmd_bench(args)
-    return cmd_profile_memory(args)
+    command = cmd_bench if args.command == "bench" else cmd_profile_memory
+    return run_checked(f"grpo-fused {args.command}", command, args)

@@ -45,9 +45,9 @@ def test_char_tokenizer_round_trip():
 
 
 def test_train_args_validation():
-    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+    with pytest.raises(ValueError, match="num_generations \\(--num-generations\\) must be >= 2"):
         T.TrainArgs(num_generations=1).validate()
-    with pytest.raises(ValueError, match="grad_accum=3 must divide"):
+    with pytest.raises(ValueError, match="grad_accum \\(--grad-accum\\)=3 must divide"):
         T.TrainArgs(prompts_per_step=2, num_generations=4, grad_accum=3).validate()
     with pytest.raises(ValueError, match="loss_type"):
         T.TrainArgs(loss_type="ppo").validate()
@@ -151,6 +151,6 @@ def test_local_model_directory(tmp_path):
     model.save_pretrained(model_dir)
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         T.train(T.TrainArgs(model=str(model_dir), steps=1, output_dir=str(tmp_path / "run2"), progress=False))
-    with pytest.raises(ValueError, match="local Hugging Face model directory"):
+    with pytest.raises(ValueError, match="local Hugging Face model folder"):
         T.train(T.TrainArgs(model=str(tmp_path / "missing"), steps=1, output_dir=str(tmp_path / "run3"),
                             progress=False))

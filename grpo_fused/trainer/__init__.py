@@ -29,15 +29,19 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import random
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .. import api
-from ..semantics import GRPOConfig, Normalizer
+from .._dispatch import BACKENDS, LINEAR_STRATEGIES
+from ..cli import OneLineParser, UsageError, resolve_device, writable_dir
+from ..semantics import ADVANTAGE_SCALES, GRPOConfig, Normalizer
 from .demo_task import COPY_LETTERS, build_char_tokenizer, build_tiny_model, copy_reward, copy_task
 
 RewardFn = Callable[..., List[float]]
@@ -120,24 +124,46 @@ class TrainArgs:
         )
 
     def validate(self):
-        for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations", "grad_accum"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        """Check every field before any work (``ValueError`` / ``TypeError`` naming the field and its
+        command-line flag): counts, choices, numbers, that the model folder, prompts file and reward
+        function exist, that the device is there and the output folder is writable."""
+        for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations", "grad_accum",
+                     "hidden_size", "num_layers", "task_length"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("save_every", "seed", "threads"):
+            _check_int(name, getattr(self, name), minimum=0)
         if self.num_generations < 2:
-            raise ValueError("num_generations must be >= 2: group advantages need at least two completions")
+            raise ValueError(f"{_flag('num_generations')} must be >= 2: group advantages need two completions")
         if (self.prompts_per_step * self.num_generations) % self.grad_accum != 0:
-            raise ValueError(
-                f"grad_accum={self.grad_accum} must divide prompts_per_step * num_generations "
-                f"= {self.prompts_per_step * self.num_generations}"
-            )
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.reward is not None and ":" not in self.reward:
-            raise ValueError(f"reward must be 'module:function', got {self.reward!r}")
-        self.loss_config()  # raises on a bad loss option
+            raise ValueError(f"{_flag('grad_accum')}={self.grad_accum} must divide prompts_per_step * num_generations "
+                             f"= {self.prompts_per_step * self.num_generations}")
+        for name, choices in (("scale_rewards", tuple(ADVANTAGE_SCALES)), ("backend", BACKENDS),
+                              ("strategy", LINEAR_STRATEGIES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_flag(name)} must be one of {choices}, got {getattr(self, name)!r}")
+        for name, minimum in (("lr", None), ("max_grad_norm", None), ("weight_decay", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    value < minimum if minimum is not None else value <= 0):
+                raise ValueError(f"{_flag(name)} must be a finite number {'>= 0' if minimum is not None else '> 0'}, "
+                                 f"got {value!r}")
+        if not isinstance(self.task_letters, str) or not self.task_letters:
+            raise ValueError(f"{_flag('task_letters')} must be a non-empty string")
+        try:
+            self.loss_config()
+        except (TypeError, ValueError) as exc:
+            # GRPOConfig names its own fields; say the trainer's option instead.
+            field, _, rest = str(exc).partition(" ")
+            option = {"epsilon_low": "epsilon", "max_completion_length": "max_new_tokens"}.get(field, field)
+            raise type(exc)(f"{_flag(option)} {rest}" if hasattr(self, option) else str(exc)) from None
+        if self.model is not None and not os.path.isdir(self.model):
+            raise ValueError(f"{_flag('model')} must be a local Hugging Face model folder, got {self.model!r}")
+        if self.prompts is not None and not os.path.isfile(self.prompts):
+            raise ValueError(f"{_flag('prompts')} must be a JSONL file, {self.prompts!r} does not exist")
+        if self.reward is not None:
+            load_reward(self.reward)
+        _resolve_device(self.device)
+        _writable_dir(self.output_dir)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,12 +172,35 @@ class TrainArgs:
 
 
 def load_reward(spec: str) -> RewardFn:
-    """``"package.module:function"`` -> the function."""
-    module_name, _, attr = spec.partition(":")
-    fn = getattr(importlib.import_module(module_name), attr, None)
+    """``"package.module:function"`` -> the function; ``ValueError`` naming ``--reward`` otherwise."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(f"{_flag('reward')} must be 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{_flag('reward')} {spec!r}: cannot import {module_name} ({exc})") from None
+    fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward {spec!r}: {module_name} has no callable {attr!r}")
+        raise ValueError(f"{_flag('reward')} {spec!r}: {module_name} has no callable {attr!r}")
     return fn
+
+
+def _flag(name: str) -> str:
+    """A field as both of its names: ``grad_accum (--grad-accum)``."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _check_int(name: str, value, minimum: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{_flag(name)} must be an int >= {minimum}, got {value!r}")
+
+
+def _writable_dir(path: str) -> None:
+    try:
+        writable_dir("output_dir (--output-dir)", path)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_prompts(path: str) -> List[Dict]:
@@ -239,9 +288,10 @@ def plot_reward_curves(log_paths: Sequence[str], png_path: str, labels: Optional
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return resolve_device(device, _flag("device"))
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _load_model_and_tokenizer(args: TrainArgs, device):
@@ -442,7 +492,7 @@ def _save(model, tokenizer, path: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainArgs()
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="grpo-fused train",
         description="GRPO with the fused loss: sample, reward, group advantages, fused-loss updates.",
     )
@@ -493,6 +543,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``grpo-fused train [flags]``; returns the exit status."""
     ns = build_parser().parse_args(argv)
     args = TrainArgs(**vars(ns))
+    try:
+        args.validate()
+    except (TypeError, ValueError) as exc:
+        print(f"grpo-fused train: error: {exc}", file=sys.stderr)
+        return 2
     summary = train(args)
     print(json.dumps(summary, indent=2))
     return 0
