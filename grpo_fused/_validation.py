@@ -99,8 +99,9 @@ def check_positive_int(name: str, value, optional: bool = True):
 
 def check_normalizer(name: str, value):
     """A Python number must be finite and > 0. A tensor (one element, float or integer) is not read
-    (no host sync): like every normalizer it is clamped to >= 1 token, so a value <= 0 acts as 1,
-    a NaN gives a NaN loss and an infinite one a loss of 0 (README, Semantics)."""
+    (no host sync): ``num_items_in_batch`` is clamped to >= 1 token as TRL clamps it (a value <= 0
+    acts as 1), ``global_batch_size`` divides as given (verl's rule; :func:`dp_normalizers` makes it
+    fractional); a NaN gives a NaN loss and an infinite one a loss of 0 (README, Semantics)."""
     if value is None:
         return
     if isinstance(value, torch.Tensor):

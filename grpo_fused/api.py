@@ -16,7 +16,7 @@ import torch
 from . import _dispatch
 from . import _validation as v
 from ._dispatch import LINEAR_STRATEGIES
-from .semantics import ADVANTAGE_SCALES, AdvantageRequest, GRPOConfig, GroupStats, GRPOOutput, LossBatch
+from .semantics import ADVANTAGE_SCALES, AdvantageRequest, GRPOConfig, GroupStats, GRPOOutput, LossBatch, masked_rows
 
 Tensor = torch.Tensor
 
@@ -114,8 +114,9 @@ def linear_grpo_loss(
     v.check_ids_in_range("completion_ids", completion_ids, weight.shape[0], completion_mask)
     _check_strategy_options(strategy, chunk_size, filter_eps)
     impl = _dispatch.resolve("linear_grpo_loss", backend, hidden.device)
-    return impl(hidden, weight, bias, _readable_ids(batch), config.params, strategy=strategy, chunk_size=chunk_size,
-                filter_eps=filter_eps)
+    # Zeroed hidden rows at masked positions (one O(N H) select): a NaN there must not reach dweight.
+    return impl(masked_rows(hidden, completion_mask), weight, bias, _readable_ids(batch), config.params,
+                strategy=strategy, chunk_size=chunk_size, filter_eps=filter_eps)
 
 
 def selective_log_softmax(

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from . import _validation as v
 from .kernels.splits import chunk_rows, finish_partials, rescale_partials
-from .semantics import GRPOConfig, GRPOOutput, LossBatch, Normalizer, Surrogate, compute_dtype, grpo_output
+from .semantics import GRPOConfig, GRPOOutput, LossBatch, Normalizer, Surrogate, compute_dtype, grpo_output, masked_rows
 
 Tensor = torch.Tensor
 
@@ -841,6 +841,8 @@ def vocab_parallel_linear_grpo_loss(
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
                       num_items_in_batch, global_batch_size)
     error, config = _loss_checks("hidden", hidden, batch, config)
+    if error is None:
+        hidden = masked_rows(hidden, completion_mask)  # a NaN hidden row at padding must not reach dweight
     logps, entropy = _linear_pass(hidden, weight_shard, completion_ids, vocab_start, config.temperature, bias_shard,
                                   config.compute_entropy, process_group, chunk_size, error)
     return _tail(logps, entropy, hidden.dtype, batch, config)

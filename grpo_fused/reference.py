@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .semantics import ADVANTAGE_SCALES, GRPOConfig, GroupStats, GRPOOutput, LossBatch, compute_dtype, grpo_output
+from .semantics import ADVANTAGE_SCALES, GRPOConfig, GroupStats, GRPOOutput, LossBatch, compute_dtype, grpo_output, masked_rows
 
 Tensor = torch.Tensor
 
@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 
 
 def selective_log_softmax(
-    logits: Tensor, ids: Tensor, temperature: float = 1.0, compute_entropy: bool = False
+    logits: Tensor, ids: Tensor, temperature: float = 1.0, compute_entropy: bool = False, mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``logp = z[id] - logsumexp(z)`` and ``entropy = lse - sum softmax(z) * z`` with ``z = logits / T``.
 
@@ -42,11 +42,17 @@ def selective_log_softmax(
         ids: ``(...)`` integer tensor, values in ``[0, V)``.
         temperature: divides the logits.
         compute_entropy: also return the per-token entropy.
+        mask: ``(...)`` loss mask or None; rows where it is 0 pass no gradient back to the logits,
+            so a NaN or inf there reaches no gradient.
 
     Returns:
         ``(logps, entropy)``, both ``(...)`` in the compute dtype; entropy is None unless asked.
     """
     z = logits.to(compute_dtype(logits.dtype)) / temperature
+    if mask is not None:
+        # The same values, but no gradient path through masked rows: a NaN or inf standing there
+        # would otherwise turn the zero gradient they receive into 0 * NaN.
+        z = torch.where(mask.unsqueeze(-1) != 0, z, z.detach())
     lse = torch.logsumexp(z, dim=-1)
     logps = z.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse
     entropy = None
@@ -92,7 +98,8 @@ def grpo_loss(logits: Tensor, completion_ids: Tensor, advantages: Tensor, comple
     The arguments are those of :func:`grpo_fused.grpo_loss`; the ``(B, T)`` math after the
     log-softmax is :func:`grpo_fused.semantics.grpo_output`.
     """
-    logps, entropy = selective_log_softmax(logits, completion_ids, config.temperature, config.compute_entropy)
+    logps, entropy = selective_log_softmax(logits, completion_ids, config.temperature, config.compute_entropy,
+                                           completion_mask)
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
                       num_items_in_batch, global_batch_size)
     return grpo_output(logps, entropy, batch, config.params)
@@ -106,8 +113,8 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, completion_ids: Tensor, adv
     """:func:`grpo_loss` of ``hidden @ weight.T + bias``, hidden ``(B, T, H)``, weight ``(V, H)``; the
     arguments are those of :func:`grpo_fused.linear_grpo_loss`."""
     return grpo_loss(
-        linear_logits(hidden, weight, bias), completion_ids, advantages, completion_mask, old_logps, ref_logps,
-        config, is_weights, num_items_in_batch, global_batch_size,
+        linear_logits(masked_rows(hidden, completion_mask), weight, bias), completion_ids, advantages,
+        completion_mask, old_logps, ref_logps, config, is_weights, num_items_in_batch, global_batch_size,
     )
 
 

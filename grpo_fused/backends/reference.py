@@ -41,7 +41,8 @@ def linear_grpo_loss(hidden, weight, bias, batch, params, strategy="auto", chunk
 
 def _loss(logits, batch, params):
     temperature = params.hyper(compute_dtype(logits.dtype), logits.device).temperature
-    logps, entropy = _ref.selective_log_softmax(logits, batch.completion_ids, temperature, params.spec.compute_entropy)
+    logps, entropy = _ref.selective_log_softmax(logits, batch.completion_ids, temperature, params.spec.compute_entropy,
+                                                batch.completion_mask)
     return grpo_output(logps, entropy, batch, params)
 
 

@@ -27,9 +27,9 @@ from .outputs import GroupStats, GRPOOutput
 from .params import Hyper, LossParams, LossSpec, NUM_SLOTS, Option, Slot, vocab_values
 from .reduction import entropy_weights, reduce_loss, reduce_tokens, token_weights
 from .table import *  # noqa: F401,F403  (the table's names, listed in its __all__)
-from .table import __all__ as _table_names
 from .tail import LossBatch, grpo_loss_from_logps, grpo_output
-from .terms import clip_flags, importance_log_ratio, kl_estimate, masked_sequence_mean, metric_mean, policy_token_loss, token_metrics
+from .terms import (clip_flags, importance_log_ratio, kl_estimate, masked, masked_rows, masked_sequence_mean, metric_mean,
+                    policy_token_loss, token_metrics)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,9 +37,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-__all__ = sorted(_table_names + [
-    "AdvantageRequest", "GRPOConfig", "GRPOOutput", "GroupStats", "Hyper", "LossBatch", "LossParams", "LossSpec",
-    "NUM_SLOTS", "Option", "Slot", "clip_flags", "compute_dtype", "entropy_weights", "grpo_loss_from_logps",
-    "grpo_output", "importance_log_ratio", "kl_estimate", "masked_sequence_mean", "metric_mean", "policy_token_loss",
-    "reduce_loss", "reduce_tokens", "token_metrics", "token_weights", "vocab_values",
-])
+__all__ = [
+    "ADVANTAGE_SCALES", "AdvantageRequest", "AdvantageScale", "CLIP_METRICS", "GRPOConfig", "GRPOOutput",
+    "GroupStats", "Hyper", "IS_LEVELS", "KLEstimator", "KL_ESTIMATOR_ALIASES", "KL_ESTIMATOR_NAMES",
+    "LOSS_AGG_MODES", "LOSS_TYPES", "LOSS_TYPE_ALIASES", "LossBatch", "LossParams", "LossSpec", "LossType",
+    "NUM_SLOTS", "Normalizer", "Option", "Slot", "Surrogate", "clip_flags", "compute_dtype", "entropy_weights",
+    "grpo_loss_from_logps", "grpo_output", "importance_log_ratio", "kl_estimate", "loss_type_named", "masked",
+    "masked_rows", "masked_sequence_mean", "metric_mean", "normalizer_of", "policy_token_loss", "reduce_loss",
+    "reduce_tokens", "token_metrics", "token_weights", "vocab_values",
+]

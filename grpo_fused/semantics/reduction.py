@@ -77,7 +77,7 @@ def token_weights(
     if global_batch_size is None:
         sequences = (mask.sum(-1) > 0).to(mask.dtype).sum().clamp(min=1.0)
     else:
-        sequences = _as_count(global_batch_size, mask).clamp(min=1.0)
+        sequences = _as_count(global_batch_size, mask)
     scale = spec.dp_size / sequences
     if norm is Normalizer.VERL_SEQ_MEAN_TOKEN_SUM:
         return mask * scale

@@ -21,6 +21,7 @@ Tensor = torch.Tensor
 __all__ = [
     "clip_flags",
     "masked",
+    "masked_rows",
     "importance_log_ratio",
     "kl_estimate",
     "masked_sequence_mean",
@@ -60,6 +61,15 @@ def masked(x: Tensor, mask: Tensor) -> Tensor:
     inf or NaN standing there reaches neither the value nor the gradient (``0 * inf`` would)."""
     x = x * mask
     return torch.where(mask != 0, x, torch.zeros_like(x))
+
+
+def masked_rows(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``x`` ``(B, T, D)`` with the rows of masked positions (``mask == 0``) set to 0 (a new tensor;
+    ``x`` itself when there is no mask): a NaN hidden state at padding (some attention kernels make
+    one for a fully masked query) then reaches neither a weight gradient nor the loss."""
+    if mask is None:
+        return x
+    return torch.where(mask.unsqueeze(-1) != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def masked_sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
