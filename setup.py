@@ -14,8 +14,9 @@ def cpp_extension_kwargs():
 
     Otherwise (the usual isolated build, which must never download a second torch) nothing is
     compiled: grpo_fused builds csrc/ just in time on first use and caches it. Set
-    GRPO_FUSED_NO_BUILD_EXT=1 to skip this build, GRPO_FUSED_BUILD_NATIVE=1 to compile for this
-    machine's CPU (AVX2/FMA) instead of a portable baseline.
+    GRPO_FUSED_NO_BUILD_EXT=1 to skip this build. The flags are portable and the same as the JIT
+    build's: the row kernels are compiled for the baseline, AVX2 and AVX-512 inside the library
+    and chosen at run time (csrc/cpu_dispatch.cpp), so this build is as fast as a native one.
     """
     if os.environ.get("GRPO_FUSED_NO_BUILD_EXT") == "1":
         return {}
@@ -27,7 +28,7 @@ def cpp_extension_kwargs():
     spec = importlib.util.spec_from_file_location("_grpo_fused_cpp_build", os.path.join(HERE, "grpo_fused", "_cpp_build.py"))
     loader = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loader)
-    flags = loader.compile_flags(native=os.environ.get("GRPO_FUSED_BUILD_NATIVE") == "1")
+    flags = loader.compile_flags()
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     extension = CppExtension(
         "grpo_fused._C",

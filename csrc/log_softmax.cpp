@@ -1,20 +1,28 @@
 // Selective log-softmax on CPU: per-token logp = z[id] - logsumexp(z) and entropy, z = logits / T,
 // from logits (the "logits" ops) or from hidden states and the lm_head weight, chunk by chunk
-// (the "linear" ops). Schemas are in registration.cpp; row math in row_math.h.
+// (the "linear" ops). Schemas are in registration.cpp; the row kernels (row_math.h) are compiled
+// once per instruction set (kernels_*.cpp) and chosen at run time here (select_kernels).
 // Per-operator headers instead of ATen/ATen.h: a third of the compile time.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu_kernels.h"
 #include "params.h"
-#include "row_math.h"
 
 namespace grpo_fused_cpp {
 namespace {
@@ -26,29 +34,33 @@ int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 1
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+Elem elem_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Elem::kFloat;
+    case at::kDouble: return Elem::kDouble;
+    case at::kBFloat16: return Elem::kBFloat16;
+    case at::kHalf: return Elem::kHalf;
+    default: TORCH_CHECK(false, "logits must be float32, bfloat16, float16 or float64, got ", t);
+  }
+}
+
 // A (B, T, V) or (N, V) tensor with unit stride over V, seen as rows r = b * T + t.
-struct RowView {
-  int64_t rows, inner, vocab, stride_outer, stride_inner;
-  explicit RowView(const Tensor& t) {
-    if (t.dim() == 3) {
-      inner = t.size(1);
-      rows = t.size(0) * inner;
-      stride_outer = t.stride(0);
-      stride_inner = t.stride(1);
-    } else {
-      inner = t.size(0);
-      rows = inner;
-      stride_outer = 0;
-      stride_inner = t.stride(0);
-    }
-    vocab = t.size(-1);
+RowLayout row_layout(const Tensor& t) {
+  RowLayout lay;
+  if (t.dim() == 3) {
+    lay.inner = t.size(1);
+    lay.rows = t.size(0) * lay.inner;
+    lay.stride_outer = t.stride(0);
+    lay.stride_inner = t.stride(1);
+  } else {
+    lay.inner = t.size(0);
+    lay.rows = lay.inner;
+    lay.stride_outer = 0;
+    lay.stride_inner = t.stride(0);
   }
-  // int64 offsets: N * V can exceed 2^31.
-  int64_t offset(int64_t r) const {
-    const int64_t outer = inner > 0 ? r / inner : 0;
-    return outer * stride_outer + (r - outer * inner) * stride_inner;
-  }
-};
+  lay.vocab = t.size(-1);
+  return lay;
+}
 
 void check_logits(const Tensor& logits, const char* name) {
   TORCH_CHECK(logits.device().is_cpu(), name, " must be a CPU tensor, got ", logits.device());
@@ -56,8 +68,9 @@ void check_logits(const Tensor& logits, const char* name) {
   TORCH_CHECK(logits.size(-1) > 0, name, " must have V > 0");
   TORCH_CHECK(logits.size(-1) == 1 || logits.stride(-1) == 1, name, " must have unit stride over V, got strides ",
               logits.strides());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), name, " must be float32, bfloat16, float16 or float64, got ",
-              logits.scalar_type());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble ||
+                  logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kHalf,
+              name, " must be float32, bfloat16, float16 or float64, got ", logits.scalar_type());
 }
 
 void check_rows(const Tensor& t, int64_t rows, const char* name, c10::optional<at::ScalarType> dtype) {
@@ -67,45 +80,20 @@ void check_rows(const Tensor& t, int64_t rows, const char* name, c10::optional<a
   if (dtype) TORCH_CHECK(t.scalar_type() == *dtype, name, " must be ", *dtype, ", got ", t.scalar_type());
 }
 
-// Fills logps / lse / entropy (contiguous (rows,), acc dtype) for every row of `logits`.
-template <typename scalar_t, typename acc_t>
-void forward_rows(const Tensor& logits, const int64_t* ids, acc_t scale, bool compute_entropy, acc_t* logps,
-                  acc_t* lse, acc_t* entropy) {
-  const RowView view(logits);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  at::parallel_for(0, view.rows, grain_rows(view.vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      // One compare per row; the Python API checks ids too, but GRPO_FUSED_CHECK_IDS=0 skips that.
-      TORCH_CHECK(ids[r] >= 0 && ids[r] < view.vocab, "ids must lie in [0, ", view.vocab, "), found ", ids[r]);
-      const scalar_t* row = base + view.offset(r);
-      RowStats<acc_t> stats = compute_entropy ? row_forward<true>(row, view.vocab, scale)
-                                              : row_forward<false>(row, view.vocab, scale);
-      lse[r] = stats.lse;
-      logps[r] = static_cast<acc_t>(row[ids[r]]) * scale - stats.lse;
-      if (compute_entropy) entropy[r] = stats.entropy;
-    }
-  });
+// One compare per row, before any kernel runs; the Python API checks ids too, but
+// GRPO_FUSED_CHECK_IDS=0 skips that.
+void check_ids(const int64_t* ids, int64_t rows, int64_t vocab) {
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(ids[r] >= 0 && ids[r] < vocab, "ids must lie in [0, ", vocab, "), found ", ids[r]);
+  }
 }
 
-// Writes the gradient of every row of `logits` into `dlogits` (same shape; may be `logits` itself).
-template <typename scalar_t, typename acc_t>
-void backward_rows(const Tensor& logits, Tensor& dlogits, const int64_t* ids, acc_t scale, const acc_t* lse,
-                   const acc_t* entropy, const acc_t* grad_logps, const acc_t* grad_entropy) {
-  const RowView in_view(logits), out_view(dlogits);
-  const scalar_t* in_base = logits.const_data_ptr<scalar_t>();
-  scalar_t* out_base = dlogits.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, in_view.rows, grain_rows(in_view.vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      TORCH_CHECK(ids[r] >= 0 && ids[r] < in_view.vocab, "ids must lie in [0, ", in_view.vocab, "), found ", ids[r]);
-      const scalar_t* row = in_base + in_view.offset(r);
-      scalar_t* out = out_base + out_view.offset(r);
-      if (grad_entropy != nullptr) {
-        row_backward<true>(row, out, in_view.vocab, ids[r], scale, lse[r], entropy[r], grad_logps[r], grad_entropy[r]);
-      } else {
-        row_backward<false>(row, out, in_view.vocab, ids[r], scale, lse[r], acc_t(0), grad_logps[r], acc_t(0));
-      }
-    }
-  });
+double inv_temperature_of(const Tensor& params) {
+  const double scale = param(params, kSlotInvTemperature);
+  // The kernels take the max of the raw logits and scale it, which needs scale > 0.
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "params[", kSlotInvTemperature,
+              "] (1 / temperature) must be finite and > 0, got ", scale);
+  return scale;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,21 +103,22 @@ void backward_rows(const Tensor& logits, Tensor& dlogits, const int64_t* ids, ac
 std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor& ids, const Tensor& params,
                                               bool compute_entropy) {
   check_logits(logits, "logits");
-  const double inv_temperature = param(params, kSlotInvTemperature);
-  const RowView view(logits);
-  check_rows(ids, view.rows, "ids", at::kLong);
+  const double inv_temperature = inv_temperature_of(params);
+  const RowLayout layout = row_layout(logits);
+  check_rows(ids, layout.rows, "ids", at::kLong);
   const auto acc = acc_type_of(logits.scalar_type());
   auto opts = logits.options().dtype(acc);
-  Tensor logps = at::empty({view.rows}, opts);
-  Tensor lse = at::empty({view.rows}, opts);
-  Tensor entropy = at::empty({compute_entropy ? view.rows : 0}, opts);
-  if (view.rows == 0) return {logps, lse, entropy};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "grpo_fused_cpp::logits_fwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_rows<scalar_t, acc_t>(logits, ids.const_data_ptr<int64_t>(), static_cast<acc_t>(inv_temperature),
-                                  compute_entropy, logps.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
-                                  compute_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr);
-  });
+  Tensor logps = at::empty({layout.rows}, opts);
+  Tensor lse = at::empty({layout.rows}, opts);
+  Tensor entropy = at::empty({compute_entropy ? layout.rows : 0}, opts);
+  if (layout.rows == 0) return {logps, lse, entropy};
+  check_ids(ids.const_data_ptr<int64_t>(), layout.rows, layout.vocab);
+  const ForwardJob job{elem_of(logits.scalar_type()), logits.const_data_ptr(), layout, ids.const_data_ptr<int64_t>(),
+                       inv_temperature, compute_entropy, logps.mutable_data_ptr(), lse.mutable_data_ptr(),
+                       compute_entropy ? entropy.mutable_data_ptr() : nullptr};
+  const CpuKernels& kernels = select_kernels();
+  at::parallel_for(0, layout.rows, grain_rows(layout.vocab),
+                   [&](int64_t begin, int64_t end) { kernels.forward(job, begin, end); });
   return {logps, lse, entropy};
 }
 
@@ -137,31 +126,60 @@ std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor
 void logits_bwd_into(const Tensor& grad_logps, const Tensor& grad_entropy, const Tensor& logits, const Tensor& ids,
                      const Tensor& lse, const Tensor& entropy, const Tensor& params, Tensor& dlogits) {
   check_logits(logits, "logits");
-  const double inv_temperature = param(params, kSlotInvTemperature);
-  const RowView view(logits);
+  const double inv_temperature = inv_temperature_of(params);
+  const RowLayout layout = row_layout(logits);
   const auto acc = acc_type_of(logits.scalar_type());
-  check_rows(ids, view.rows, "ids", at::kLong);
-  check_rows(grad_logps, view.rows, "grad_logps", acc);
-  check_rows(lse, view.rows, "lse", acc);
+  check_rows(ids, layout.rows, "ids", at::kLong);
+  check_rows(grad_logps, layout.rows, "grad_logps", acc);
+  check_rows(lse, layout.rows, "lse", acc);
   const bool has_entropy_grad = grad_entropy.numel() > 0;
   if (has_entropy_grad) {
-    check_rows(grad_entropy, view.rows, "grad_entropy", acc);
-    check_rows(entropy, view.rows, "entropy", acc);
+    check_rows(grad_entropy, layout.rows, "grad_entropy", acc);
+    check_rows(entropy, layout.rows, "entropy", acc);
   }
-  if (view.rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "grpo_fused_cpp::logits_bwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    backward_rows<scalar_t, acc_t>(logits, dlogits, ids.const_data_ptr<int64_t>(), static_cast<acc_t>(inv_temperature),
-                                   lse.const_data_ptr<acc_t>(),
-                                   has_entropy_grad ? entropy.const_data_ptr<acc_t>() : nullptr,
-                                   grad_logps.const_data_ptr<acc_t>(),
-                                   has_entropy_grad ? grad_entropy.const_data_ptr<acc_t>() : nullptr);
-  });
+  if (layout.rows == 0) return;
+  check_ids(ids.const_data_ptr<int64_t>(), layout.rows, layout.vocab);
+  const BackwardJob job{elem_of(logits.scalar_type()),
+                        logits.const_data_ptr(),
+                        layout,
+                        dlogits.mutable_data_ptr(),
+                        row_layout(dlogits),
+                        ids.const_data_ptr<int64_t>(),
+                        inv_temperature,
+                        lse.const_data_ptr(),
+                        has_entropy_grad ? entropy.const_data_ptr() : nullptr,
+                        grad_logps.const_data_ptr(),
+                        has_entropy_grad ? grad_entropy.const_data_ptr() : nullptr};
+  const CpuKernels& kernels = select_kernels();
+  at::parallel_for(0, layout.rows, grain_rows(layout.vocab),
+                   [&](int64_t begin, int64_t end) { kernels.backward(job, begin, end); });
+}
+
+// The (N, V) gradient, in transparent huge pages where the kernel hands them out on request
+// (/sys/kernel/mm/transparent_hugepage/enabled = madvise, a common default; with "never" this is
+// an ordinary allocation). Its first write faults every page in: with 4 KiB pages that cost more
+// than the backward's arithmetic (measured on a Xeon, one thread, 262 MB of bf16 gradient: 144 ms
+// for the backward into a fresh at::empty, 47 ms into already-touched memory, 80 ms into a fresh
+// 2 MiB-page buffer). Small outputs take the ordinary path.
+Tensor empty_gradient(const Tensor& like) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t{2} << 20;
+  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (nbytes >= 8 * kHugePage) {
+    const size_t length = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = nullptr;
+    if (posix_memalign(&data, kHugePage, length) == 0) {
+      madvise(data, length, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+      return at::from_blob(data, like.sizes(), [](void* p) { std::free(p); }, like.options());
+    }
+  }
+#endif
+  return at::empty(like.sizes(), like.options());
 }
 
 Tensor logits_bwd(const Tensor& grad_logps, const Tensor& grad_entropy, const Tensor& logits, const Tensor& ids,
                   const Tensor& lse, const Tensor& entropy, const Tensor& params) {
-  Tensor dlogits = at::empty(logits.sizes(), logits.options());
+  Tensor dlogits = empty_gradient(logits);
   logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, dlogits);
   return dlogits;
 }
@@ -204,40 +222,56 @@ LinearOperands linear_operands(const Tensor& hidden, const Tensor& weight, const
   return ops;
 }
 
-// (rows, V) compute-dtype logits of hidden[start : start + rows] into `buffer`'s first rows.
-Tensor chunk_logits(const LinearOperands& ops, const Tensor& hidden, int64_t start, int64_t rows, Tensor& buffer) {
-  Tensor h = hidden.narrow(0, start, rows).to(ops.acc);
-  Tensor out = buffer.narrow(0, 0, rows);
-  if (ops.bias) {
-    at::addmm_out(out, *ops.bias, h, ops.weight_t);
-  } else {
-    at::mm_out(out, h, ops.weight_t);
+// The chunk loop both linear ops share: operands in the compute dtype and one (chunk, V) buffer
+// that each chunk's logits are written into.
+struct LinearChunks {
+  LinearOperands ops;
+  at::TensorOptions opts;  // compute dtype
+  int64_t rows, vocab, chunk;
+  Tensor buffer;  // (chunk, V)
+
+  LinearChunks(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t chunk_rows)
+      : ops(linear_operands(hidden, weight, bias)),
+        opts(hidden.options().dtype(ops.acc)),
+        rows(hidden.size(0)),
+        vocab(weight.size(0)),
+        chunk(std::min(chunk_rows, std::max<int64_t>(rows, 1))),
+        buffer(at::empty({chunk, vocab}, opts)) {}
+
+  // Calls f(start, n, h, logits) per chunk of n tokens: h (n, H) the compute-dtype hidden states,
+  // logits (n, V) = h @ weight.T + bias, a view of `buffer`.
+  template <typename F>
+  void for_each(const Tensor& hidden, F&& f) {
+    for (int64_t start = 0; start < rows; start += chunk) {
+      const int64_t n = std::min(chunk, rows - start);
+      Tensor h = hidden.narrow(0, start, n).to(ops.acc);
+      Tensor logits = buffer.narrow(0, 0, n);
+      if (ops.bias) {
+        at::addmm_out(logits, *ops.bias, h, ops.weight_t);
+      } else {
+        at::mm_out(logits, h, ops.weight_t);
+      }
+      f(start, n, h, logits);
+    }
   }
-  return out;
-}
+};
 
 std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor& weight,
                                               const c10::optional<Tensor>& bias, const Tensor& ids,
                                               const Tensor& params, bool compute_entropy, int64_t chunk_rows) {
   check_linear(hidden, weight, bias, chunk_rows);
-  const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  check_rows(ids, rows, "ids", at::kLong);
-  LinearOperands ops = linear_operands(hidden, weight, bias);
-  auto opts = hidden.options().dtype(ops.acc);
-  Tensor logps = at::empty({rows}, opts);
-  Tensor lse = at::empty({rows}, opts);
-  Tensor entropy = at::empty({compute_entropy ? rows : 0}, opts);
-  const int64_t chunk = std::min(chunk_rows, std::max<int64_t>(rows, 1));
-  Tensor buffer = at::empty({chunk, vocab}, opts);
-  for (int64_t start = 0; start < rows; start += chunk) {
-    const int64_t n = std::min(chunk, rows - start);
-    Tensor logits = chunk_logits(ops, hidden, start, n, buffer);
+  check_rows(ids, hidden.size(0), "ids", at::kLong);
+  LinearChunks chunks(hidden, weight, bias, chunk_rows);
+  Tensor logps = at::empty({chunks.rows}, chunks.opts);
+  Tensor lse = at::empty({chunks.rows}, chunks.opts);
+  Tensor entropy = at::empty({compute_entropy ? chunks.rows : 0}, chunks.opts);
+  chunks.for_each(hidden, [&](int64_t start, int64_t n, const Tensor&, const Tensor& logits) {
     auto [chunk_logps, chunk_lse, chunk_entropy] =
         logits_fwd(logits, ids.narrow(0, start, n), params, compute_entropy);
     logps.narrow(0, start, n).copy_(chunk_logps);
     lse.narrow(0, start, n).copy_(chunk_lse);
     if (compute_entropy) entropy.narrow(0, start, n).copy_(chunk_entropy);
-  }
+  });
   return {logps, lse, entropy};
 }
 
@@ -249,29 +283,23 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
                                               const Tensor& entropy, const Tensor& params, int64_t chunk_rows,
                                               bool compute_dweight, bool compute_dbias) {
   check_linear(hidden, weight, bias, chunk_rows);
-  const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  LinearOperands ops = linear_operands(hidden, weight, bias);
-  auto opts = hidden.options().dtype(ops.acc);
+  LinearChunks chunks(hidden, weight, bias, chunk_rows);
   const bool has_entropy_grad = grad_entropy.numel() > 0;
-  Tensor dhidden = at::empty({rows, hidden.size(1)}, opts);
+  const int64_t hidden_size = hidden.size(1);
+  Tensor dhidden = at::empty({chunks.rows, hidden_size}, chunks.opts);
   compute_dbias = compute_dbias && bias.has_value();
-  Tensor dweight = at::zeros({compute_dweight ? vocab : 0, compute_dweight ? hidden.size(1) : 0}, opts);
-  Tensor dbias = at::zeros({compute_dbias ? vocab : 0}, opts);
-  const int64_t chunk = std::min(chunk_rows, std::max<int64_t>(rows, 1));
-  Tensor buffer = at::empty({chunk, vocab}, opts);
-  for (int64_t start = 0; start < rows; start += chunk) {
-    const int64_t n = std::min(chunk, rows - start);
-    Tensor logits = chunk_logits(ops, hidden, start, n, buffer);
+  Tensor dweight = at::zeros({compute_dweight ? chunks.vocab : 0, compute_dweight ? hidden_size : 0}, chunks.opts);
+  Tensor dbias = at::zeros({compute_dbias ? chunks.vocab : 0}, chunks.opts);
+  chunks.for_each(hidden, [&](int64_t start, int64_t n, const Tensor& h, Tensor& logits) {
     logits_bwd_inplace(grad_logps.narrow(0, start, n), has_entropy_grad ? grad_entropy.narrow(0, start, n) : grad_entropy,
                        logits, ids.narrow(0, start, n), lse.narrow(0, start, n),
                        has_entropy_grad ? entropy.narrow(0, start, n) : entropy, params);
     const Tensor& dlogits = logits;  // (n, V), overwritten in place above
-    Tensor h = hidden.narrow(0, start, n).to(ops.acc);
     Tensor dhidden_chunk = dhidden.narrow(0, start, n);
-    at::mm_out(dhidden_chunk, dlogits, ops.weight);
+    at::mm_out(dhidden_chunk, dlogits, chunks.ops.weight);
     if (compute_dweight) dweight.addmm_(dlogits.t(), h);
     if (compute_dbias) dbias.add_(dlogits.sum(0));
-  }
+  });
   return {dhidden.to(hidden.scalar_type()), dweight.to(weight.scalar_type()),
           compute_dbias ? dbias.to(bias->scalar_type()) : dbias};
 }

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_kernels.h"
+
 TORCH_LIBRARY(grpo_fused_cpp, m) {
   // params: the float64 hyperparameter vector of grpo_fused.semantics.Slot (params.h); the ops read
   // the temperature there, so a new temperature is data, not a new traced graph.
@@ -29,6 +31,9 @@ TORCH_LIBRARY(grpo_fused_cpp, m) {
   m.def("group_advantages(Tensor rewards, Tensor group_index, int num_groups, Tensor keep_mask,"
         " int scale_mode, bool unbiased, float eps)"
         " -> (Tensor advantages, Tensor mean, Tensor std, Tensor count, Tensor zero_std)");
+  // Which compiled variant of the row kernels the ops run on this CPU now: "baseline", "avx2" or
+  // "avx512" (cpu_dispatch.cpp; GRPO_FUSED_CPU_CAPABILITY caps it). No tensors: a catch-all kernel.
+  m.def("cpu_capability() -> str", &grpo_fused_cpp::cpu_capability);
 }
 
 // Lets a build from setup.py be imported as the Python module grpo_fused._C; importing it

@@ -4,6 +4,8 @@ The JIT build compiles ``csrc/*.cpp`` with ninja through :func:`torch.utils.cpp_
 into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
 once per source/flag change; later processes reuse the cached library. Nothing is built at
 import time: the first call that needs the extension builds it (about a minute on 2 cores).
+Both builds use the same portable flags (:func:`compile_flags`) and carry every CPU variant of
+the row kernels; ``torch.ops.grpo_fused_cpp.cpu_capability()`` names the one in use.
 
 If neither works (no compiler, no ninja, a failed build), :func:`unavailable_reason` says why
 and the dispatcher falls back to the eager reference. ``GRPO_FUSED_DISABLE_CPP=1`` turns the
@@ -16,7 +18,6 @@ import glob
 import importlib
 import logging
 import os
-import platform
 import threading
 from typing import List, Optional
 
@@ -36,29 +37,18 @@ CSRC_DIR = next(
 )
 
 
-def _cpu_flags() -> List[str]:
-    """AVX2/FMA/F16C code when this CPU has them (read from /proc/cpuinfo on Linux x86-64).
+def compile_flags() -> List[str]:
+    """C++ flags of both builds (setup.py and just in time): portable, no CPU-specific ``-m`` flag.
 
-    ``-march=native`` would do the same but makes a library that crashes on an older CPU sharing
-    the same cache directory; the flags are also part of the extension's name, so each variant
-    gets its own cache entry.
+    The row kernels are compiled once per instruction set inside the build (``csrc/kernels_*.cpp``
+    switch the compiler to AVX2 / AVX-512 with ``#pragma GCC target``) and the widest one the CPU
+    has is picked at run time, so a library built anywhere runs at full speed everywhere, and one
+    built here still loads on an older CPU. ``-march=native`` would instead make a library that
+    crashes on an older CPU sharing the cache directory, and a wheel that is slow on a newer one.
     """
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return ["-mavx2", "-mfma", "-mf16c"]
-    return []
-
-
-def compile_flags(native: bool = True) -> List[str]:
-    """C++ flags of both builds; ``native=False`` (setup.py) leaves out CPU-specific ones."""
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-psabi"]
-    return flags + (_cpu_flags() if native else [])
+    # -ffp-contract=off: no implicit fused multiply-add, so a kernel rounds where its source says
+    # (csrc/row_math.h writes its FMAs out) and the variants differ only there.
+    return ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-psabi", "-ffp-contract=off"]
 
 
 def sources() -> List[str]:
@@ -71,11 +61,12 @@ def _jit_build() -> None:
     srcs = sources()
     if not srcs:
         raise RuntimeError(f"no C++ sources found under {CSRC_DIR} (an installed wheel without csrc/)")
-    cflags = compile_flags(native=True)
+    cflags = compile_flags()
     # torch's cache key covers sources and flags, not the torch version: a library built against
     # another torch in the same cache directory would fail to load, so the version is in the name.
+    # One library serves every CPU (run-time dispatch), so the name carries no CPU variant.
     torch_tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    name = "grpo_fused_cpp" + ("_avx2" if "-mavx2" in cflags else "") + "_torch" + torch_tag
+    name = "grpo_fused_cpp_torch" + torch_tag
     _log.info("grpo_fused: building the C++ extension %s (once; cached by torch.utils.cpp_extension)", name)
     cpp_extension.load(
         name=name,
