@@ -6,7 +6,12 @@ pytest-benchmark suite in ``benchmarks/``. Nothing here is imported by the packa
 Providers are discovered at run time:
 
 * ``eager``: :func:`grpo_fused.reference.grpo_loss` / ``linear_grpo_loss`` called directly, the
-  TRL-style eager PyTorch baseline (fp32 ``(N, V)`` logits materialized).
+  TRL-style eager PyTorch baseline (fp32 ``(N, V)`` logits materialized), entropy computed (the
+  bench config's default); ``eager-noent``: the same without the entropy (``compute_entropy=False``).
+* ``trl``, ``trl-noent`` (logits path): TRL 1.16's own vocabulary-pass arithmetic
+  (:func:`trl_vocab_pass`: ``selective_log_softmax``, and ``entropy_from_logits`` under
+  ``no_grad`` for its entropy metric, as GRPOTrainer runs them without Triton), then the same
+  ``(B, T)`` tail; ``-noent`` skips the entropy, as TRL does when it neither logs nor uses it.
 * ``compile``: ``torch.compile`` of the same function; reported as unavailable when compiling fails.
 * ``triton``, ``triton-inplace`` (logits path), ``triton-chunked``, ``triton-tiled`` (linear path),
   ``cpp``, ``cpp-inplace``: the public API with ``backend=`` / ``strategy=`` /
@@ -203,6 +208,10 @@ class Provider:
 
 PROVIDERS = (
     Provider("eager", "logits", "eager", "grpo_fused.reference (TRL-style eager PyTorch)"),
+    Provider("eager-noent", "logits", "eager", "grpo_fused.reference without the entropy"),
+    Provider("trl", "logits", "eager", "TRL 1.16's arithmetic (selective_log_softmax; entropy_from_logits "
+             "under no_grad)"),
+    Provider("trl-noent", "logits", "eager", "TRL 1.16's arithmetic without the entropy"),
     Provider("compile", "logits", "compile", "torch.compile of the eager reference"),
     Provider("triton", "logits", "api", "grpo_fused logits path, backend='triton'", backend="triton"),
     Provider("triton-inplace", "logits", "api", "grpo_fused logits path, triton, dlogits written into "
@@ -212,6 +221,7 @@ PROVIDERS = (
              "logits", backend="cpp", inplace=True),
     Provider("liger", "logits", "liger", "Liger-Kernel triton_grpo_loss"),
     Provider("eager", "linear", "eager", "grpo_fused.reference (materializes fp32 logits)"),
+    Provider("eager-noent", "linear", "eager", "grpo_fused.reference without the entropy"),
     Provider("compile", "linear", "compile", "torch.compile of the eager reference"),
     Provider("triton-chunked", "linear", "api", "grpo_fused linear path, triton, strategy='chunked'",
              backend="triton", strategy="chunked"),
@@ -293,6 +303,14 @@ def bench_config():
     return GRPOConfig(**BENCH_CONFIG)
 
 
+@functools.lru_cache(maxsize=None)
+def bench_config_without_entropy():
+    """:func:`bench_config` with ``compute_entropy=False`` (the ``-noent`` baselines)."""
+    from grpo_fused.semantics import GRPOConfig
+
+    return GRPOConfig(**BENCH_CONFIG, compute_entropy=False)
+
+
 def _eager_logits_loss(logits, ids, adv, mask, old, ref, config):
     from grpo_fused.reference import grpo_loss
 
@@ -303,6 +321,60 @@ def _eager_linear_loss(hidden, weight, ids, adv, mask, old, ref, config):
     from grpo_fused.reference import linear_grpo_loss
 
     return linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, config=config).loss
+
+
+def trl_vocab_pass(logits, ids, temperature: float = 1.0, compute_entropy: bool = False):
+    """TRL 1.16's per-token log-probs and entropy of ``(B, T, V)`` logits, its arithmetic verbatim.
+
+    ``trl/trainer/utils.py`` as ``GRPOTrainer`` runs it where its Triton kernel does not apply (any
+    CPU tensor): the logits divided by the temperature; ``selective_log_softmax``: for fp32 / fp64
+    a gather minus a per-sequence ``logsumexp``, for bf16 / fp16 a per-sequence ``log_softmax`` in
+    the logits' dtype and a gather (its comment: logsumexp is unstable in bf16); the entropy, a
+    logged metric, by ``entropy_from_logits`` (``log_softmax`` of 128-row chunks, ``-sum(p log p)``)
+    under ``torch.no_grad()``. Returns ``(logps, entropy or None)`` in the logits' dtype.
+    """
+    import torch.nn.functional as F
+
+    if temperature != 1.0:
+        logits = logits / temperature
+    index = ids.long().unsqueeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, dim=-1, index=index)
+        lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])  # loop to reduce peak mem
+        logps = (selected - lse.unsqueeze(-1)).squeeze(-1)
+    else:
+        logps = torch.stack([F.log_softmax(row, dim=-1).gather(dim=-1, index=row_ids)
+                             for row, row_ids in zip(logits, index)]).squeeze(-1)
+    entropy = None
+    if compute_entropy:
+        with torch.no_grad():
+            flat = logits.reshape(-1, logits.shape[-1])
+            chunks = []
+            for chunk in flat.split(128, dim=0):
+                chunk_logps = F.log_softmax(chunk, dim=-1)
+                chunks.append(-(torch.exp(chunk_logps) * chunk_logps).sum(-1))
+            entropy = torch.cat(chunks, dim=0).reshape(logits.shape[:-1])
+    return logps, entropy
+
+
+def _trl_logits_loss(logits, ids, adv, mask, old, ref, config):
+    from grpo_fused.semantics import LossBatch, compute_dtype, grpo_output
+
+    logps, entropy = trl_vocab_pass(logits, ids, config.temperature, config.compute_entropy)
+    dtype = compute_dtype(logits.dtype)  # the (B, T) tail in fp32, as TRL's loss promotes to
+    batch = LossBatch(ids, adv, mask, old, ref)
+    return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch, config.params).loss
+
+
+# The function and config behind each provider of kind "eager", by (op, name).
+_EAGER_BASELINES = {
+    ("logits", "eager"): (_eager_logits_loss, True),
+    ("logits", "eager-noent"): (_eager_logits_loss, False),
+    ("logits", "trl"): (_trl_logits_loss, True),
+    ("logits", "trl-noent"): (_trl_logits_loss, False),
+    ("linear", "eager"): (_eager_linear_loss, True),
+    ("linear", "eager-noent"): (_eager_linear_loss, False),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -385,11 +457,12 @@ def build_step(provider: Provider, case: Case, inputs: Dict[str, torch.Tensor],
         x["logits"] = inputs["logits"].view_as(inputs["logits"])
     if provider.kind in ("eager", "compile"):
         args = (x["logits"],) if case.op == "logits" else (x["hidden"], x["weight"])
-        args = args + (x["completion_ids"], x["advantages"], x["completion_mask"], x["old_logps"], x["ref_logps"], cfg)
         if provider.kind == "compile":
             fn = _compiled(case.op, dynamic)
         else:
-            fn = _eager_logits_loss if case.op == "logits" else _eager_linear_loss
+            fn, with_entropy = _EAGER_BASELINES[(case.op, provider.name)]
+            cfg = cfg if with_entropy else bench_config_without_entropy()
+        args = args + (x["completion_ids"], x["advantages"], x["completion_mask"], x["old_logps"], x["ref_logps"], cfg)
         return lambda: fn(*args)
     rest = (x["completion_ids"], x["advantages"], x["completion_mask"], x["old_logps"], x["ref_logps"])
     if provider.kind == "api":
