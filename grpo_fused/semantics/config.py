@@ -3,7 +3,9 @@
 Field names and defaults follow TRL 1.16's ``GRPOConfig`` where TRL has the knob
 (``loss_type="dapo"``, ``epsilon_low=0.2``, ``beta=0.0``, ``use_bias_correction_kl=True``,
 ``sapo_temperature_pos=1.0``, ``sapo_temperature_neg=1.05``); verl-only knobs
-(``clip_ratio_c``, ``kl_estimator``, ``loss_agg_mode``, ``dp_size``) default to "off".
+(``clip_ratio_c``, ``kl_estimator``, ``loss_agg_mode``, ``dp_size``) default to "off", and the
+parameters of verl 0.9.1's further policy losses (``clip_cov_*``, ``kl_cov_ratio``,
+``ppo_kl_coef``, ``dro_beta``) take the defaults of verl's ``PolicyLossConfig``.
 
 A config is turned into :class:`~grpo_fused.semantics.LossParams` once, at construction
 (``config.params``): the ops read only that, so the float fields are data to them. A new config
@@ -24,6 +26,7 @@ from .table import (
     LOSS_AGG_MODES,
     LOSS_TYPE_ALIASES,
     LOSS_TYPES,
+    Surrogate,
     loss_type_named,
     normalizer_of,
 )
@@ -43,14 +46,19 @@ class GRPOConfig:
     Args:
         loss_type: surrogate and (unless ``loss_agg_mode`` is set) reduction, one of
             ``grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, gmpo, gpg`` (verl aliases
-            ``geo_mean`` -> gmpo, ``vanilla`` -> dapo, ``reinforce`` -> gpg). Default ``"dapo"``.
+            ``geo_mean`` -> gmpo, ``vanilla`` -> dapo, ``reinforce`` -> gpg) or verl 0.9.1's
+            ``dppo_tv, dppo_kl, clip_cov, kl_cov, dro`` (token-mean reduction by default, as verl).
+            Default ``"dapo"``.
         epsilon_low: lower clip (>= 0), ratio clipped to ``[1 - epsilon_low, 1 + epsilon_high]``.
-            For ``gmpo`` both epsilons bound the *log* ratio, as in verl. Default 0.2.
+            For ``gmpo`` both epsilons bound the *log* ratio, as in verl. For ``dppo_tv`` /
+            ``dppo_kl`` they are the trust region's thresholds (probability change, binary KL)
+            for tokens with ``A <= 0`` (low) and ``A > 0`` (high). Default 0.2.
         epsilon_high: upper clip (>= 0); ``None`` means ``epsilon_low``. For ``cispo`` it is the
             absolute cap of the ratio (TRL), e.g. 4.0 or 5.0.
         delta: TRL two-sided clipping (> 0): the unclipped ratio is capped at ``delta``. Default off.
         clip_ratio_c: verl dual-clip bound (> 1): for ``A < 0`` the token loss is at most
-            ``-A * clip_ratio_c``. Default off.
+            ``-A * clip_ratio_c``. Default off. For ``dppo_tv`` / ``dppo_kl`` (> 0): the cap of the
+            detached ratio, default 20.0 as in verl.
         beta: KL coefficient (>= 0); ``beta != 0`` needs ``ref_logps``. Default 0.
         kl_estimator: ``k3`` (TRL, default), ``low_var_kl`` (verl's clamped k3), ``k1``, ``k2``, ``abs``
             (verl aliases ``kl`` -> k1, ``mse`` -> k2).
@@ -63,11 +71,19 @@ class GRPOConfig:
         entropy_coef: subtract ``entropy_coef * masked-mean entropy`` from the loss. Default 0.
         compute_entropy: compute per-token entropy (for the metric) in the same pass. Default True.
         loss_agg_mode: verl aggregation (``token-mean``, ``seq-mean-token-sum``,
-            ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``) instead of the loss_type's
+            ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``, ``token-sum``) instead of the loss_type's
             TRL normalizer. Default None.
         max_completion_length: ``dr_grpo`` normalizer ``B * max_completion_length`` (int >= 1); None
             means the mask's T. Also verl's ``seq-mean-token-sum-norm`` scale factor.
         dp_size: verl's data-parallel factor for ``loss_agg_mode`` reductions (int >= 1). Default 1.
+        clip_cov_ratio: ``clip_cov``: fraction of the batch's tokens whose gradient is cut (> 0).
+            Default 0.0002.
+        clip_cov_lb / clip_cov_ub: ``clip_cov``: the covariance window of the candidate tokens.
+            Defaults 1.0 / 5.0.
+        kl_cov_ratio: ``kl_cov``: fraction of the batch's tokens penalized by ``|log r|`` (> 0).
+            Default 0.0002.
+        ppo_kl_coef: ``kl_cov``: coefficient of that penalty. Default 0.1.
+        dro_beta: ``dro``: coefficient of the quadratic log-ratio penalty (> 0); required for dro.
 
     Attributes:
         params: the :class:`~grpo_fused.semantics.LossParams` every op reads (built here).
@@ -91,6 +107,12 @@ class GRPOConfig:
     loss_agg_mode: Optional[str] = None
     max_completion_length: Optional[int] = None
     dp_size: int = 1
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 0.1
+    dro_beta: Optional[float] = None
     params: LossParams = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -105,8 +127,27 @@ class GRPOConfig:
         _check_float("epsilon_high", self.epsilon_high, minimum=0.0, optional=True)
         _check_float("delta", self.delta, positive=True, optional=True)
         _check_float("clip_ratio_c", self.clip_ratio_c, optional=True)
-        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+        surrogate = LOSS_TYPES[self.loss_type].surrogate
+        dppo = surrogate in (Surrogate.DPPO_TV, Surrogate.DPPO_KL)
+        if dppo:
+            if self.clip_ratio_c is not None and self.clip_ratio_c <= 0.0:
+                raise ValueError(f"clip_ratio_c must be > 0 (the cap of dppo's ratio), got {self.clip_ratio_c}")
+        elif self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
             raise ValueError(f"clip_ratio_c must be > 1 (verl dual-clip), got {self.clip_ratio_c}")
+        _check_float("clip_cov_ratio", self.clip_cov_ratio, positive=True)
+        _check_float("clip_cov_lb", self.clip_cov_lb)
+        _check_float("clip_cov_ub", self.clip_cov_ub)
+        _check_float("kl_cov_ratio", self.kl_cov_ratio, positive=True)
+        _check_float("ppo_kl_coef", self.ppo_kl_coef)
+        _check_float("dro_beta", self.dro_beta, positive=True, optional=True)
+        if surrogate is Surrogate.DRO and self.dro_beta is None:
+            raise ValueError("dro_beta is required (> 0) when loss_type='dro'")
+        token_only = surrogate in (Surrogate.DPPO_TV, Surrogate.DPPO_KL, Surrogate.KL_COV, Surrogate.DRO)
+        if token_only and self.importance_sampling_level != "token":
+            raise ValueError(f"loss_type={self.loss_type!r} has a token-level ratio only (verl), "
+                             f"got importance_sampling_level={self.importance_sampling_level!r}")
+        if token_only and self.delta is not None:
+            raise ValueError(f"delta (TRL two-sided clipping) does not apply to loss_type={self.loss_type!r}")
         _check_float("beta", self.beta, minimum=0.0)
         _check_float("entropy_coef", self.entropy_coef)
         _check_float("temperature", self.temperature, positive=True)
@@ -142,6 +183,10 @@ class GRPOConfig:
             dp_size=self.dp_size,
         )
         eps_high = self.eps_high
+        clip_ratio_c = self.clip_ratio_c
+        if clip_ratio_c is None:
+            # dppo's ratio cap defaults to verl's 20.0; elsewhere 0 means "no dual clip".
+            clip_ratio_c = 20.0 if row.surrogate in (Surrogate.DPPO_TV, Surrogate.DPPO_KL) else 0.0
         return LossParams.build(
             spec,
             inv_temperature=1.0 / self.temperature,
@@ -151,11 +196,17 @@ class GRPOConfig:
             clip_low=1.0 - self.epsilon_low,
             clip_high=1.0 + eps_high,
             delta=0.0 if self.delta is None else self.delta,
-            clip_ratio_c=0.0 if self.clip_ratio_c is None else self.clip_ratio_c,
+            clip_ratio_c=clip_ratio_c,
             beta=self.beta,
             sapo_tau_pos=self.sapo_temperature_pos,
             sapo_tau_neg=self.sapo_temperature_neg,
             entropy_coef=self.entropy_coef,
+            clip_cov_ratio=self.clip_cov_ratio,
+            clip_cov_lb=self.clip_cov_lb,
+            clip_cov_ub=self.clip_cov_ub,
+            kl_cov_ratio=self.kl_cov_ratio,
+            ppo_kl_coef=self.ppo_kl_coef,
+            dro_beta=0.0 if self.dro_beta is None else self.dro_beta,
         )
 
     @property

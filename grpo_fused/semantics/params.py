@@ -6,11 +6,16 @@
   the normalizer, token- or sequence-level ratio, the KL estimator (None when ``beta == 0``) and
   on/off options. Kernels specialize on these (``tl.constexpr``, Python branches), so a new value
   may compile new code.
-* ``values``: every float hyperparameter in one ``(NUM_SLOTS,)`` float64 tensor, at the fixed
-  slots of :class:`Slot`. Kernels read it from memory and the ``(B, T)`` math indexes it, so a
-  new ``beta`` or temperature is new data: ``torch.compile(fullgraph=True)`` of a training step
-  that receives a new :class:`~grpo_fused.GRPOConfig` reuses its graph (Dynamo guards on a
-  tensor's metadata, not its contents), and no Triton kernel recompiles.
+* ``values``: every float hyperparameter a kernel reads, in one ``(NUM_SLOTS,)`` float64 tensor
+  at the fixed slots of :class:`Slot`. Kernels read it from memory and the ``(B, T)`` math
+  indexes it, so a new ``beta`` or temperature is new data: ``torch.compile(fullgraph=True)`` of
+  a training step that receives a new :class:`~grpo_fused.GRPOConfig` reuses its graph (Dynamo
+  guards on a tensor's metadata, not its contents), and no Triton kernel recompiles.
+* ``tail_values``: the float hyperparameters that only the ``(B, T)`` tail reads (those of
+  surrogates without a fused epilogue: clip-cov, kl-cov, DRO), ``(NUM_TAIL_SLOTS,)`` float64 at
+  the slots of :class:`TailSlot`. They are data in the same way; they live in their own tensor so
+  that adding one leaves the kernels' ``values`` layout (their ABI; the C++ ops check its
+  length) unchanged.
 
 float64 keeps every value exactly as the caller wrote it; each consumer rounds it once to its
 compute dtype, as a Python float argument would have been rounded.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -28,7 +33,8 @@ from .table import KLEstimator, LossType, Normalizer
 
 Tensor = torch.Tensor
 
-__all__ = ["Hyper", "LossParams", "LossSpec", "NUM_SLOTS", "Option", "Slot", "vocab_values"]
+__all__ = ["Hyper", "LossParams", "LossSpec", "NUM_SLOTS", "NUM_TAIL_SLOTS", "Option", "Slot", "TailSlot",
+           "vocab_values"]
 
 
 class Slot(enum.IntEnum):
@@ -41,7 +47,7 @@ class Slot(enum.IntEnum):
     CLIP_LOW = 4  # 1 - epsilon_low, rounded once from float64
     CLIP_HIGH = 5  # 1 + epsilon_high
     DELTA = 6  # TRL two-sided clipping cap (0 when off)
-    CLIP_RATIO_C = 7  # verl dual-clip bound (0 when off)
+    CLIP_RATIO_C = 7  # verl dual-clip bound (0 when off); dppo's cap of the detached ratio (default 20)
     BETA = 8
     SAPO_TAU_POS = 9
     SAPO_TAU_NEG = 10
@@ -49,6 +55,20 @@ class Slot(enum.IntEnum):
 
 
 NUM_SLOTS = len(Slot)
+
+
+class TailSlot(enum.IntEnum):
+    """Index of each tail-only float hyperparameter in :attr:`LossParams.tail_values` (no kernel reads these)."""
+
+    CLIP_COV_RATIO = 0  # clip_cov: fraction of the batch's tokens whose gradient is cut
+    CLIP_COV_LB = 1  # clip_cov: covariance window (lb, ub) of the candidates
+    CLIP_COV_UB = 2
+    KL_COV_RATIO = 3  # kl_cov: fraction of the batch's tokens that get the |log r| penalty
+    PPO_KL_COEF = 4  # kl_cov: coefficient of that penalty
+    DRO_BETA = 5  # dro: coefficient of the quadratic log-ratio penalty
+
+
+NUM_TAIL_SLOTS = len(TailSlot)
 
 
 class Option(enum.IntFlag):
@@ -111,42 +131,68 @@ class Hyper(NamedTuple):
     sapo_tau_pos: Tensor
     sapo_tau_neg: Tensor
     entropy_coef: Tensor
+    clip_cov_ratio: Tensor
+    clip_cov_lb: Tensor
+    clip_cov_ub: Tensor
+    kl_cov_ratio: Tensor
+    ppo_kl_coef: Tensor
+    dro_beta: Tensor
 
 
-assert Hyper._fields == tuple(s.name.lower() for s in Slot), "Hyper must list the slots in order"
+assert Hyper._fields == tuple(s.name.lower() for s in Slot) + tuple(s.name.lower() for s in TailSlot), (
+    "Hyper must list the slots, then the tail slots, in order")
+
+
+def _zero_tail_values() -> Tensor:
+    return torch.zeros(NUM_TAIL_SLOTS, dtype=torch.float64, device="cpu")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LossParams:
-    """``spec`` (code selection) plus ``values`` (``(NUM_SLOTS,)`` float64 CPU tensor of floats)."""
+    """``spec`` (code selection) plus ``values`` (``(NUM_SLOTS,)`` float64 CPU tensor: the floats
+    kernels read) and ``tail_values`` (``(NUM_TAIL_SLOTS,)`` float64 CPU tensor: the floats only
+    the ``(B, T)`` tail reads)."""
 
     spec: LossSpec
     values: Tensor
-    _device_values: Dict[torch.device, Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    tail_values: Tensor = dataclasses.field(default_factory=_zero_tail_values)
+    _device_values: Dict[Tuple[str, torch.device], Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
     @staticmethod
     def build(spec: LossSpec, **floats: float) -> "LossParams":
-        """``LossParams`` with the given slots (lower-case slot names) set and the others 0."""
+        """``LossParams`` with the given slots (lower-case :class:`Slot` or :class:`TailSlot` names)
+        set and the others 0."""
         values = torch.zeros(NUM_SLOTS, dtype=torch.float64, device="cpu")
+        tail_values = _zero_tail_values()
         for name, value in floats.items():
-            values[Slot[name.upper()]] = float(value)
-        return LossParams(spec, values)
+            if name.upper() in TailSlot.__members__:
+                tail_values[TailSlot[name.upper()]] = float(value)
+            else:
+                values[Slot[name.upper()]] = float(value)
+        return LossParams(spec, values, tail_values)
+
+    def _on(self, name: str, device: torch.device) -> Tensor:
+        host = getattr(self, name)
+        device = torch.device(device)
+        if device.type == "cpu":
+            return host
+        if torch.compiler.is_compiling():
+            return host.to(device, non_blocking=True)
+        key = (name, device)
+        if key not in self._device_values:
+            self._device_values[key] = host.to(device, non_blocking=True)
+        return self._device_values[key]
 
     def values_on(self, device: torch.device) -> Tensor:
         """``values`` on ``device`` (float64). Eagerly the copy is made once per device and kept;
         a traced graph copies (a tiny host-to-device transfer that waits for nothing)."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.values
-        if torch.compiler.is_compiling():
-            return self.values.to(device, non_blocking=True)
-        if device not in self._device_values:
-            self._device_values[device] = self.values.to(device, non_blocking=True)
-        return self._device_values[device]
+        return self._on("values", device)
 
     def hyper(self, dtype: torch.dtype, device: torch.device) -> Hyper:
-        """Every float hyperparameter as a 0-dim ``dtype`` tensor on ``device`` (one cast, one unbind)."""
-        return Hyper(*self.values_on(device).to(dtype).unbind())
+        """Every float hyperparameter (kernel and tail slots) as a 0-dim ``dtype`` tensor on
+        ``device`` (one cast, one unbind per tensor)."""
+        return Hyper(*self.values_on(device).to(dtype).unbind(),
+                     *self._on("tail_values", device).to(dtype).unbind())
 
 
 def vocab_values(temperature: float) -> Tensor:

@@ -18,7 +18,8 @@ TRL 1.16 (every normalizer clamped to >= 1 token, so an all-masked batch gives 0
 
 verl ``agg_loss`` (``loss_agg_mode``; ``dp_size`` multiplies what a global count divides):
 ``token-mean`` ``sum l m / max(n, 1) * dp`` with ``n = num_items_in_batch`` (default sum m);
-``seq-mean-token-sum`` ``sum_b (sum_t l m) / S * dp``; ``seq-mean-token-mean``
+``token-sum`` ``sum l m * dp`` (verl 0.9.1: the data-parallel mean of the ranks' sums is then the
+global sum); ``seq-mean-token-sum`` ``sum_b (sum_t l m) / S * dp``; ``seq-mean-token-mean``
 ``sum_b (sum_t l m / (sum_t m + 1e-8)) / S * dp``; ``seq-mean-token-sum-norm`` the first divided by
 ``max_completion_length`` (default T); ``S = global_batch_size``, default the number of sequences
 with at least one token.
@@ -73,6 +74,8 @@ def token_weights(
         return mask / B
     if norm is Normalizer.VERL_TOKEN_MEAN:
         return mask * (spec.dp_size / _tokens(mask, num_items_in_batch))
+    if norm is Normalizer.VERL_TOKEN_SUM:
+        return mask * float(spec.dp_size)
     # verl's sequence means: sequences with at least one token, unless the caller gives the count.
     if global_batch_size is None:
         sequences = (mask.sum(-1) > 0).to(mask.dtype).sum().clamp(min=1.0)

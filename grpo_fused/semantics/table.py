@@ -1,11 +1,12 @@
 """The loss-type table and the other closed sets of names the loss is built from.
 
 One row per loss type says everything the rest of the package needs to know about it: the
-surrogate family (which epilogue a fused kernel runs), whether its ratio is always a sequence
-ratio, the normalizer of its reduction (TRL 1.16's, exactly), the names TRL and verl give it and
-the metrics it reports. Adding a loss type is one row here, its surrogate in
-:mod:`grpo_fused.semantics.terms` and its epilogue in each fused backend; the config, the
-reduction weights, the data-parallel normalizers and the TRL / verl adapters read the row.
+surrogate family (which epilogue a fused kernel runs, or that none does), whether its ratio is
+always a sequence ratio, the normalizer of its reduction (TRL 1.16's, exactly), the names TRL and
+verl give it and the metrics it reports. Adding a loss type is one row here, its surrogate in
+:mod:`grpo_fused.semantics.terms` and, where ``fused_epilogue`` is set, its epilogue in each fused
+backend; the config, the reduction weights, the data-parallel normalizers and the TRL / verl
+adapters read the row.
 
 The enums' integer values are the codes the kernels specialize on (``tl.constexpr``); nothing
 else may depend on them.
@@ -21,6 +22,7 @@ __all__ = [
     "ADVANTAGE_SCALES",
     "AdvantageScale",
     "CLIP_METRICS",
+    "DPPO_METRICS",
     "IS_LEVELS",
     "KLEstimator",
     "KL_ESTIMATOR_ALIASES",
@@ -44,6 +46,12 @@ class Surrogate(enum.IntEnum):
     SAPO = 2  # soft gate sigmoid(tau (r - 1)) * 4 / tau
     GPG = 3  # REINFORCE: -A * logp, no ratio
     GEO_MEAN = 4  # GMPO: sequence geometric mean of sign-aware clipped token ratios
+    # verl 0.9.1's further policy losses; no fused epilogue implements these (they run the tail).
+    DPPO_TV = 5  # -A * sg(min(r, c)) * logp on tokens whose probability moved less than eps (TV)
+    DPPO_KL = 6  # the same with the binary-KL trust region
+    CLIP_COV = 7  # PPO clip, gradient cut on a random few high-covariance tokens of the batch
+    KL_COV = 8  # -A * r, plus coef * |log r| on the batch's highest-covariance tokens
+    DRO = 9  # -(A * logp - beta/2 * (logp - old)^2)
 
 
 class KLEstimator(enum.IntEnum):
@@ -79,6 +87,7 @@ class Normalizer(enum.Enum):
     SEQUENCE_SUM_MEAN = "sequence-sum-mean"  # mean over sequences of sum_t l*m
     # verl agg_loss (global normalizers times dp_size).
     VERL_TOKEN_MEAN = "token-mean"
+    VERL_TOKEN_SUM = "token-sum"  # sum l*m * dp_size (verl 0.9.1)
     VERL_SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
     VERL_SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
     VERL_SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
@@ -94,6 +103,9 @@ CLIP_METRICS = (
     "clip_ratio/low_min",
     "clip_ratio/high_max",
 )
+# dppo_tv / dppo_kl: fraction of tokens outside the trust region (their gradient is 0) and of
+# tokens inside it whose ratio the cap truncated.
+DPPO_METRICS = ("dppo/masked_mean", "dppo/truncated_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +120,13 @@ class LossType:
         in_trl: TRL 1.16's ``GRPOTrainer`` accepts this name.
         verl_names: verl policy-loss names that mean this loss type.
         metrics: metric names beyond ``kl`` / ``entropy`` / ``ratio`` that this loss reports.
+        fused_epilogue: the fused token-level kernel (``kernels/grpo_logits.py``) implements this
+            surrogate in its epilogue. When False, every backend runs the vocab pass and then the
+            ``(B, T)`` tail (:func:`grpo_fused.semantics.grpo_output`), as for sequence-level ratios.
+        batch_coupled: a token's loss depends on the other tokens of the batch (clip_cov and kl_cov
+            choose tokens by a covariance over the batch): the loss of a batch split into
+            micro-batches or data-parallel ranks is not the sum of the parts' losses, and the
+            choice costs a host sync.
     """
 
     name: str
@@ -117,6 +136,8 @@ class LossType:
     in_trl: bool = True
     verl_names: Tuple[str, ...] = ()
     metrics: Tuple[str, ...] = ()
+    fused_epilogue: bool = True
+    batch_coupled: bool = False
 
 
 _ROWS = (
@@ -128,8 +149,18 @@ _ROWS = (
     LossType("cispo", Surrogate.CISPO, Normalizer.GLOBAL_TOKENS, metrics=("cispo_clip_ratio",)),
     LossType("sapo", Surrogate.SAPO, Normalizer.SEQUENCE_MEAN),
     LossType("gmpo", Surrogate.GEO_MEAN, Normalizer.SEQUENCE_MEAN, sequence_ratio=True, in_trl=False,
-             verl_names=("geo_mean",)),
+             verl_names=("geo_mean",), fused_epilogue=False),
     LossType("gpg", Surrogate.GPG, Normalizer.GLOBAL_TOKENS, in_trl=False, verl_names=("reinforce",)),
+    # verl 0.9.1 policy losses (verl's own names; verl's default aggregation is token-mean).
+    LossType("dppo_tv", Surrogate.DPPO_TV, Normalizer.GLOBAL_TOKENS, in_trl=False, metrics=DPPO_METRICS,
+             fused_epilogue=False),
+    LossType("dppo_kl", Surrogate.DPPO_KL, Normalizer.GLOBAL_TOKENS, in_trl=False, metrics=DPPO_METRICS,
+             fused_epilogue=False),
+    LossType("clip_cov", Surrogate.CLIP_COV, Normalizer.GLOBAL_TOKENS, in_trl=False,
+             metrics=CLIP_METRICS + ("clip_cov/cut_mean",), fused_epilogue=False, batch_coupled=True),
+    LossType("kl_cov", Surrogate.KL_COV, Normalizer.GLOBAL_TOKENS, in_trl=False,
+             metrics=("kl_cov/penalized_mean", "abs_log_ratio"), fused_epilogue=False, batch_coupled=True),
+    LossType("dro", Surrogate.DRO, Normalizer.GLOBAL_TOKENS, in_trl=False, fused_epilogue=False),
 )
 
 LOSS_TYPES: Dict[str, LossType] = {row.name: row for row in _ROWS}

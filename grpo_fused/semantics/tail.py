@@ -119,7 +119,8 @@ def grpo_loss_from_logps(logps: Tensor, advantages: Tensor, mask: Tensor, params
         raise ValueError("ref_logps is required when beta != 0")
     logps, advantages, old_logps, ref_logps, entropy, is_weights = _neutral_where_masked(
         mask, logps, _as_column(advantages), old_logps, ref_logps, entropy, _as_column(is_weights))
-    policy, ratio = policy_token_loss(logps, old_logps, advantages, mask, params)
+    extras: Dict[str, Tensor] = {}
+    policy, ratio = policy_token_loss(logps, old_logps, advantages, mask, params, extras)
     geo_mean = spec.loss_type.surrogate is Surrogate.GEO_MEAN
     if is_weights is not None:
         if geo_mean:
@@ -150,7 +151,7 @@ def grpo_loss_from_logps(logps: Tensor, advantages: Tensor, mask: Tensor, params
         spec, mask, r,
         kl=None if kl is None else kl.detach(),
         entropy=None if entropy is None else entropy.detach(),
-        low=low, high=high,
+        low=low, high=high, extras=extras,
     )
     return loss, metrics
 
