@@ -8,7 +8,8 @@ softmax-statistics pass, and op registration.
 * :class:`RowLayout` / :func:`as_rows`: ``(N, V)`` and ``(B, T, V)`` logits (any row and batch
   stride, contiguous vocab) addressed with int64 offsets and a 1-D grid over rows.
 * :func:`launch_config`: the fixed ``(BLOCK_V, num_warps)`` of the row kernels.
-* :func:`row_softmax_stats`: one streaming pass over a row, ``(lse, z_target, entropy)``.
+* :func:`row_softmax_stats`: one streaming pass over a row, ``(lse, z_target, entropy)``;
+  :func:`row_gradient_tile`: the gradient of one tile of a row from the saved ``lse``.
 * :func:`triton_op` / :func:`launchable`: every launcher runs inside a ``torch.library.triton_op``
   so that ``torch.compile(fullgraph=True)`` sees one op per launch.
 
@@ -29,8 +30,9 @@ from grpo_fused.semantics import AdvantageScale, KLEstimator, Slot, Surrogate, c
 
 Tensor = torch.Tensor
 
-__all__ = ["RowLayout", "TL_DTYPE", "acc_dtype", "as_rows", "check_inplace_backward", "launch_config", "launchable",
-           "load_param", "row_offset", "row_softmax_stats", "triton_op"]
+__all__ = ["LN2", "LOG2E", "RowLayout", "TL_DTYPE", "acc_dtype", "as_rows", "check_inplace_backward", "cpu_tensors_accepted",
+           "interpreting", "launch_config", "launchable", "load_param", "recording_launches", "row_offset",
+           "row_gradient_tile", "row_softmax_stats", "row_vector", "triton_op"]
 
 # --------------------------------------------------------------------------------------
 # Codes (tl.constexpr globals: a jit function may read those, and only those, from its module).
@@ -85,65 +87,149 @@ def row_offset(row, rows_inner, stride_outer, stride_inner):
     return (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
 
 
+# log2(e) and ln(2): the row passes work in base 2 (``ex2.approx.ftz.f32`` is one MUFU op; ``tl.exp``
+# is a multiply, a range check and two fix-ups around it).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# A log2-domain floor that ex2 turns into exactly 0 (fp32 flushes below 2**-126): multiplying by
+# it instead of by -inf keeps 0 * -inf = NaN out of the entropy sums without a select.
+LOG2_FLOOR = tl.constexpr(-1000.0)
+
+
+@triton.jit
+def _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY: tl.constexpr):
+    """Fold one ``(R, VEC)`` tile of raw logits ``x`` (ACC_DTYPE, -inf where masked) into each
+    thread's running state: ``m`` (R,) the max of the raw logits seen, ``s = sum 2**d`` and
+    ``u = sum 2**d * d`` with ``d = (x - m) * c`` the log2-probability up to the row constant,
+    ``c = log2(e) / temperature``.
+
+    Per element this is one max, one FMA, one ``ex2``, one add (and for the entropy one max and
+    one FMA): the tile's VEC columns a thread holds are reduced in registers, so the running
+    state is one value a thread, not one a column. NaN propagates through ``s`` (``ex2(NaN)``),
+    which the max does not (``max(NaN, y) = y``).
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    # A thread that has seen only -inf shifts by 0 (no -inf - -inf = NaN).
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    d = x * c - (m_safe * c)[:, None]
+    e = tl.exp2(d)
+    shift = tl.maximum((m - m_safe) * c, LOG2_FLOOR)  # <= 0: the rescale of the old sums
+    alpha = tl.exp2(shift)
+    if COMPUTE_ENTROPY:
+        u = alpha * (u + s * shift) + tl.sum(e * tl.maximum(d, LOG2_FLOOR), axis=1)
+    s = s * alpha + tl.sum(e, axis=1)
+    return m_new, s, u
+
+
 @triton.jit
 def row_softmax_stats(
     row_ptr,
     target,
-    V,
+    n_cols,
     inv_temperature,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """One pass over a row of V logits: ``(lse, z_target, entropy)`` of ``z = logits * inv_temperature``.
+    """One pass over the first ``n_cols`` logits of a row: ``(lse, z_target, entropy)`` of
+    ``z = logits * inv_temperature``.
 
-    Each lane keeps its own running max ``m``, ``s = sum exp(z - m)`` and, for the entropy,
-    ``u = sum exp(z - m) * (z - m)``; lanes are merged once after the loop, so the loop has no
-    cross-lane reduction. Tracking ``z - m`` rather than ``z`` keeps the entropy free of the
-    ``lse - E[z]`` cancellation when logits are large. Lanes that have seen only -inf (masked
-    vocab, the ragged last tile) are guarded so that no ``-inf - -inf`` NaN appears.
+    ``n_cols`` is the row's V, or 0 for a row that is skipped (nothing is read; the caller
+    replaces the outputs). The target logit is read only when ``0 <= target < n_cols``; an id
+    outside the vocabulary gives ``z_target = -inf`` (so ``logp = -inf``), never a load elsewhere.
+
+    The row is streamed in ``BLOCK_V`` tiles shaped ``(BLOCK_V // VEC, VEC)`` so that each thread
+    owns ``VEC`` contiguous columns (one 16-byte load) and keeps one running max / sum / entropy
+    partial per tile row (:func:`_stats_tile`); full tiles are read unmasked and one masked tile
+    finishes the row. The threads' states are merged once after the loop. Tracking
+    ``sum p * (z - m)`` rather than ``sum p * z`` keeps the entropy free of the ``lse - E[z]``
+    cancellation when logits are large.
     """
-    cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
-    m = tl.full([BLOCK_V], neg_inf, ACC_DTYPE)
-    s = tl.zeros([BLOCK_V], ACC_DTYPE)
-    u = tl.zeros([BLOCK_V], ACC_DTYPE)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(ACC_DTYPE) * inv_temperature
-        # One exp per element instead of two: with gap = -|z - m|, exp(gap) is the rescale of
-        # the old sums when z is the lane's new max, and the new term when it is not. The
-        # update is otherwise a handful of FMAs: at bf16 and V = 152k the loop must stay under
-        # the ~1.5 ms it takes to stream 16k rows from HBM, and a second exp would not.
-        is_new_max = z > m
-        gap = tl.where(is_new_max, m - z, z - m)
-        gap = tl.where(z > neg_inf, gap, neg_inf)  # a masked column adds nothing (and -inf - -inf is NaN)
-        t = tl.exp(gap)
-        if COMPUTE_ENTROPY:
-            # u relative to the new max: t * (u + s * (m - z)) on a new max, else u + t * (z - m).
-            rebased = t * (u + tl.where(s > 0, s * gap, 0.0))
-            added = u + tl.where(t > 0, t * gap, 0.0)
-            u = tl.where(is_new_max, rebased, added)
-        s = tl.where(is_new_max, s * t + 1.0, s + t)
-        m = tl.maximum(m, z)
+    ROWS: tl.constexpr = BLOCK_V // VEC
+    offs = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    log2e = tl.full([], LOG2E, ACC_DTYPE)
+    c = inv_temperature * log2e
+    m = tl.full([ROWS], neg_inf, ACC_DTYPE)
+    s = tl.zeros([ROWS], ACC_DTYPE)
+    u = tl.zeros([ROWS], ACC_DTYPE)
+    full = (n_cols // BLOCK_V) * BLOCK_V
+    for start in range(0, full, BLOCK_V):
+        x = tl.load(row_ptr + start + offs).to(ACC_DTYPE)
+        m, s, u = _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY)
+    if full < n_cols:
+        cols = full + offs
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=neg_inf).to(ACC_DTYPE)
+        m, s, u = _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY)
     m_row = tl.max(m, axis=0)
     m_row_safe = tl.where(m_row > neg_inf, m_row, 0.0)
-    lane_scale = tl.exp(m - m_row_safe)
-    sum_exp = tl.sum(s * lane_scale, axis=0)
-    log_sum_exp = tl.log(sum_exp)
-    lse = m_row_safe + log_sum_exp
-    z_target = tl.load(row_ptr + target).to(ACC_DTYPE) * inv_temperature
+    shift = tl.maximum((m - m_row_safe) * c, LOG2_FLOOR)
+    scale = tl.exp2(shift)
+    sum_exp = tl.sum(s * scale, axis=0)
+    log2_sum = tl.log2(sum_exp)
+    ln2 = tl.full([], LN2, ACC_DTYPE)
+    lse = m_row_safe * inv_temperature + log2_sum * ln2
+    in_vocab = (target >= 0) & (target < n_cols)
+    z_target = tl.load(row_ptr + target, mask=in_vocab, other=neg_inf).to(ACC_DTYPE) * inv_temperature
     entropy = lse * 0.0
     if COMPUTE_ENTROPY:
-        shift = tl.where(m > neg_inf, m - m_row_safe, 0.0)
-        u_row = tl.sum(lane_scale * (u + s * shift), axis=0)
-        entropy = log_sum_exp - u_row / sum_exp
+        u_row = tl.sum(scale * (u + s * shift), axis=0)
+        entropy = (log2_sum - u_row / sum_exp) * ln2
     return lse, z_target, entropy
 
 
+@triton.jit
+def row_gradient_tile(x, c, lse2, g, g_entropy_a, g_entropy_b, HAS_DENTROPY: tl.constexpr):
+    """``dz`` of one tile of raw logits without the one-hot term: ``-p * g`` and, with the entropy
+    term, ``-p * (g + g_H * H + g_H * ln2 * log2 p)`` folded into ``-p * (a + b * log2 p)``.
+
+    ``p = 2**(x * c - lse2)`` with ``c = log2(e) / T``, ``lse2 = lse * log2(e)``; ``g`` etc. are
+    already divided by the temperature. ``p log p -> 0`` as ``p -> 0``: the log is floored, so a
+    -inf logit gives ``0 * finite``, not ``0 * -inf``; a NaN logit gives NaN.
+    """
+    d = x * c - lse2
+    p = tl.exp2(d)
+    if HAS_DENTROPY:
+        return -p * (g_entropy_a + g_entropy_b * tl.maximum(d, LOG2_FLOOR))
+    return -p * g
+
+
 # --------------------------------------------------------------------------------------
-# Host side: layout, launch configuration, registration.
+# Host side: where the kernels run, layout, launch configuration, registration.
 # --------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """The kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``): launchers then pick
+    the small test configurations and fp32 ``tl.dot`` operands."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_RECORDING = [False]
+
+
+class recording_launches:
+    """While active, launchers accept CPU tensors *without* the interpreter, because the launches
+    are recorded, not run: :mod:`grpo_fused.benchmarks.static_report` replaces ``JITFunction.run``
+    by a recorder and compiles each launch ahead of time for sm_90a. The CPU tensors then only
+    carry dtypes, shapes, strides and alignment, and the launchers choose their GPU configuration
+    (they do whenever :func:`interpreting` is false). Not re-entrant; tooling only."""
+
+    def __enter__(self):
+        _RECORDING[0] = True
+        return self
+
+    def __exit__(self, *exc):
+        _RECORDING[0] = False
+        return False
+
+
+def cpu_tensors_accepted() -> bool:
+    """CPU tensors may be handed to the launchers: under the interpreter, or while launches are
+    recorded (:class:`recording_launches`)."""
+    return interpreting() or _RECORDING[0]
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +286,11 @@ def check_inplace_backward(logits: Tensor) -> None:
 # Opt-in tuning knob for a GPU session (benchmarks/bench_logits.py), read once at import:
 # GRPO_FUSED_BLOCK_V=4096 tries wider tiles without touching the code.
 _MAX_BLOCK_V = int(os.environ.get("GRPO_FUSED_BLOCK_V", "2048"))
+
+
+def row_vector(logits: Tensor, block_v: int) -> int:
+    """``VEC``: columns a thread reads with one 16-byte load (8 bf16 / fp16, 4 fp32, 2 fp64)."""
+    return max(1, min(block_v, 16 // logits.element_size()))
 
 
 def launch_config(vocab: int, block_v: Optional[int] = None) -> Tuple[int, int]:

@@ -41,7 +41,6 @@ except where noted):
 from __future__ import annotations
 
 import math
-import os
 import struct
 from typing import Optional, Tuple
 
@@ -51,7 +50,7 @@ import triton.language as tl
 
 from grpo_fused.semantics import ADVANTAGE_SCALES, AdvantageRequest, GroupStats, compute_dtype
 
-from .common import SCALE_BATCH, SCALE_GROUP, launchable, triton_op
+from .common import SCALE_BATCH, SCALE_GROUP, cpu_tensors_accepted, launchable, triton_op
 
 Tensor = torch.Tensor
 
@@ -394,7 +393,7 @@ def group_advantages(rewards: Tensor, request: AdvantageRequest) -> Tuple[Tensor
     q = request
     if q.scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {tuple(ADVANTAGE_SCALES)}, got {q.scale!r}")
-    if rewards.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if rewards.device.type != "cuda" and not cpu_tensors_accepted():
         raise ValueError(f"rewards must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
                          f"got one on {rewards.device}")
     ddof = 1 if q.unbiased else 0

@@ -37,7 +37,7 @@ from grpo_fused.semantics import Option, Slot
 from .common import (FLAG_HIGH, FLAG_LOW, KL_K1, KL_K2, KL_K3, KL_LOW_VAR, LOSS_CISPO, LOSS_CLIP, LOSS_GPG, LOSS_SAPO,
                      P_BETA, P_CLIP_HIGH, P_CLIP_LOW, P_CLIP_RATIO_C, P_DELTA, P_ENTROPY_COEF, P_EPSILON_HIGH,
                      P_INV_TEMPERATURE, P_SAPO_TAU_NEG, P_SAPO_TAU_POS, TL_DTYPE, RowLayout, acc_dtype, as_rows,
-                     launch_config, launchable, load_param, row_offset, row_softmax_stats, triton_op)
+                     launch_config, launchable, load_param, row_offset, row_softmax_stats, row_vector, triton_op)
 from .selective_log_softmax import check_params, dlogits_from_row_grads
 
 Tensor = torch.Tensor
@@ -61,7 +61,7 @@ def _policy_term(logp, log_ratio, advantage, params, LOSS: tl.constexpr, HAS_DEL
     except on a measure-zero set, so the ``<=`` choice matches the reference's autograd.
     """
     ratio = tl.exp(log_ratio)
-    flags = (ratio * 0.0).to(tl.int8)
+    flags = tl.full([], 0, tl.int8)
     if LOSS == LOSS_CLIP:  # clipped surrogate, TRL two-sided delta, verl dual clip
         clip_low = load_param(params, P_CLIP_LOW, ACC_DTYPE)
         clip_high = load_param(params, P_CLIP_HIGH, ACC_DTYPE)
@@ -106,7 +106,13 @@ def _policy_term(logp, log_ratio, advantage, params, LOSS: tl.constexpr, HAS_DEL
     else:  # LOSS_GPG, REINFORCE: no ratio at all (the ratio metric is 1)
         loss = -advantage * logp
         dloss_dlogp = -advantage + 0.0 * logp
-        ratio = ratio * 0.0 + 1.0
+        ratio = tl.full([], 1.0, ACC_DTYPE)  # not 0 * ratio + 1: gpg never reads old logps (NaN there)
+    if LOSS != LOSS_GPG:
+        # min / max / clamp drop a NaN operand on the GPU (IEEE minNum); torch.clamp keeps it.
+        # A NaN log-ratio (NaN logits in the row, a NaN old logp) gives a NaN loss, as in the spec.
+        is_nan = log_ratio != log_ratio
+        loss = tl.where(is_nan, log_ratio, loss)
+        dloss_dlogp = tl.where(is_nan, log_ratio, dloss_dlogp)
     return loss, dloss_dlogp, ratio, flags
 
 
@@ -124,6 +130,7 @@ def _kl_term(logp, ref_logp, KL: tl.constexpr):
         e = tl.exp(d_clamped)
         raw = e - d_clamped - 1.0
         kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+        kl = tl.where(d != d, d, kl)  # torch.clamp keeps a NaN; min / max would drop it
         passes = (d >= -20.0) & (d <= 20.0) & (raw >= -10.0) & (raw <= 10.0)
         dkl = tl.where(passes, 1.0 - e, 0.0)
     elif KL == KL_K1:
@@ -174,15 +181,33 @@ def _grpo_logits_fwd_kernel(
     HAS_IS_WEIGHTS: tl.constexpr,
     HAS_ENTROPY_BONUS: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
+    SKIP_MASKED: tl.constexpr,
+    VEC: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row_offset(row, rows_inner, stride_outer, stride_inner)
     target = tl.load(ids_ptr + row).to(tl.int64)
+    # A masked position has token weight 0 (and entropy weight 0): it is selected out of the loss,
+    # its dloss/dlogp is exactly 0 and, with SKIP_MASKED, its row is not read at all.
+    token_weight = tl.load(token_weights_ptr + row).to(ACC_DTYPE)
+    keep = token_weight != 0.0
+    entropy_weight = token_weight * 0.0
+    if HAS_ENTROPY_BONUS:
+        entropy_weight = tl.load(entropy_weights_ptr + row).to(ACC_DTYPE)
+        keep = keep | (entropy_weight != 0.0)
+    n_cols = V
+    if SKIP_MASKED:
+        n_cols = tl.where(keep, V, 0)
     lse, z_target, entropy = row_softmax_stats(
-        row_ptr, target, V, load_param(params_ptr, P_INV_TEMPERATURE, ACC_DTYPE), BLOCK_V, COMPUTE_ENTROPY, ACC_DTYPE
+        row_ptr, target, n_cols, load_param(params_ptr, P_INV_TEMPERATURE, ACC_DTYPE), BLOCK_V, VEC,
+        COMPUTE_ENTROPY, ACC_DTYPE
     )
     logp = z_target - lse
+    if SKIP_MASKED:
+        logp = tl.where(keep, logp, 0.0)
+        lse = tl.where(keep, lse, 0.0)
+        entropy = tl.where(keep, entropy, 0.0)
 
     advantage = tl.load(advantages_ptr + row).to(ACC_DTYPE)
     if HAS_OLD:
@@ -205,13 +230,16 @@ def _grpo_logits_fwd_kernel(
         beta = load_param(params_ptr, P_BETA, ACC_DTYPE)
         loss = loss + beta * kl
         dloss_dlogp = dloss_dlogp + beta * dkl
-        tl.store(kl_ptr + row, kl)
-    token_weight = tl.load(token_weights_ptr + row).to(ACC_DTYPE)
-    loss = loss * token_weight
-    dloss_dlogp = dloss_dlogp * token_weight
+        tl.store(kl_ptr + row, tl.where(keep, kl, 0.0))
+    # Selected, not multiplied: 0 * (a NaN or inf standing at a masked position) would be NaN.
+    weighted = token_weight != 0.0
+    loss = tl.where(weighted, loss * token_weight, 0.0)
+    dloss_dlogp = tl.where(weighted, dloss_dlogp * token_weight, 0.0)
     if HAS_ENTROPY_BONUS:
         entropy_coef = load_param(params_ptr, P_ENTROPY_COEF, ACC_DTYPE)
-        loss = loss - entropy_coef * tl.load(entropy_weights_ptr + row).to(ACC_DTYPE) * entropy
+        loss = loss - tl.where(entropy_weight != 0.0, entropy_coef * entropy_weight * entropy, 0.0)
+    ratio = tl.where(keep, ratio, 1.0)
+    flags = tl.where(keep, flags, 0)
 
     tl.store(logps_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
@@ -262,6 +290,7 @@ def grpo_fwd(
     surrogate: int,
     kl_estimator: int,
     options: int,
+    skip_masked: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One launch: vocab pass + token-level GRPO epilogue (the op ``grpo_fused::triton_grpo_logits_fwd``).
 
@@ -276,6 +305,10 @@ def grpo_fwd(
         surrogate: a token-level :class:`grpo_fused.semantics.Surrogate` code (not GEO_MEAN).
         kl_estimator: a :class:`grpo_fused.semantics.KLEstimator` code (read only with ``ref_logps``).
         options: :class:`grpo_fused.semantics.Option` bits.
+        skip_masked: a row whose token weight (and entropy weight) is 0 -- a masked position --
+            is not read: its ``logp``, ``lse``, ``entropy``, ``kl``, loss and ``dlogps`` are 0, its
+            ratio 1, its flags 0. Default False (every row read; masked rows still contribute
+            nothing: their loss and gradient are selected out, never multiplied by 0).
 
     Returns:
         The :class:`TokenTerms` fields in order, each ``(N,)``; an absent one is an empty tensor.
@@ -319,8 +352,11 @@ def grpo_fwd(
         HAS_IS_WEIGHTS=is_weights is not None,
         HAS_ENTROPY_BONUS=compute_entropy and entropy_weights is not None,
         COMPUTE_ENTROPY=compute_entropy,
+        SKIP_MASKED=bool(skip_masked),
+        VEC=row_vector(logits, block),
         ACC_DTYPE=TL_DTYPE[acc],
         num_warps=warps,
+        enable_fp_fusion=True,
     )
     return logps, lse, entropy, loss, dlogps, ratio, kl, flags
 
@@ -356,14 +392,14 @@ class GRPOLogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, params, advantages, token_weights, old_logps, ref_logps, is_weights,
-                entropy_weights, codes: EpilogueCodes, inplace_backward: bool):
+                entropy_weights, codes: EpilogueCodes, inplace_backward: bool, skip_masked: bool = False):
         rows = as_rows(logits)
         has_kl = codes.kl_estimator is not None
         if has_kl and ref_logps is None:
             raise ValueError("ref_logps is required with a KL term")
         terms = TokenTerms(*grpo_fwd(
             rows, ids, params, advantages, token_weights, old_logps, ref_logps if has_kl else None, is_weights,
-            entropy_weights, codes.surrogate, codes.kl_estimator or 0, codes.options,
+            entropy_weights, codes.surrogate, codes.kl_estimator or 0, codes.options, bool(skip_masked),
         ))
         compute_entropy = bool(Option(codes.options) & Option.COMPUTE_ENTROPY)
         terms = dataclasses.replace(terms, entropy=terms.entropy if compute_entropy else None,
@@ -385,4 +421,4 @@ class GRPOLogitsLoss(torch.autograd.Function):
         dlogps = dloss_dlogps * grad_loss
         dentropy = None if entropy_dweights is None else entropy_dweights * grad_loss
         dlogits = dlogits_from_row_grads(rows, ids, lse, dlogps, dentropy, entropy, params, saved.inplace_backward)
-        return (dlogits.view(saved.logits_shape),) + (None,) * 10
+        return (dlogits.view(saved.logits_shape),) + (None,) * 11

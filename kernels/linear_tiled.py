@@ -29,14 +29,13 @@ Both launches are ``torch.library.triton_op``s (``grpo_fused::triton_linear_tile
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import P_INV_TEMPERATURE, launchable, load_param, triton_op
+from .common import P_INV_TEMPERATURE, interpreting, launchable, load_param, triton_op
 from .splits import finish_partials, rescale_partials
 
 Tensor = torch.Tensor
@@ -44,10 +43,6 @@ Tensor = torch.Tensor
 # Default softmax threshold of gradient filtering: a dlogit below 2**-12 of the largest one
 # is under bf16's 2**-8 relative resolution with margin to spare for summing many of them.
 DEFAULT_FILTER_EPS = 2.0**-12
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------
@@ -222,9 +217,10 @@ class TiledConfig:
 
 
 def default_config(device: torch.device) -> TiledConfig:
-    """A fixed config per device type. Under the CPU interpreter the tiles are small, so that
-    the tests' tiny ragged shapes still cover several tiles and every masking path."""
-    if device.type == "cpu":
+    """A fixed config. Under the CPU interpreter the tiles are small, so that the tests' tiny
+    ragged shapes still cover several tiles and every masking path; CPU tensors whose launches
+    are recorded for an ahead-of-time compile get the GPU config."""
+    if device.type == "cpu" and interpreting():
         return TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=2, num_warps=1, num_stages=1)
     return TiledConfig()
 
@@ -235,12 +231,12 @@ def _kernel_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     if dtype == torch.float64:
         # fp64 runs in fp32: tl.dot has no portable fp64 path.
         dtype = torch.float32
-    if _interpreting():
+    if interpreting():
         # The interpreter stores bf16 as uint16 and its tl.dot on bf16 is wrong: fp32 there.
         dtype = torch.float32
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
-    if bias is not None and (bias.dtype == torch.float64 or _interpreting()):
+    if bias is not None and (bias.dtype == torch.float64 or interpreting()):
         bias = bias.float()
     return hidden, weight, bias, precision
 

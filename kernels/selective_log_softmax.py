@@ -35,8 +35,9 @@ import triton.language as tl
 
 from grpo_fused.semantics import NUM_SLOTS
 
-from .common import (P_INV_TEMPERATURE, TL_DTYPE, RowLayout, acc_dtype, as_rows, check_inplace_backward, launch_config,
-                     launchable, load_param, row_offset, row_softmax_stats, triton_op)
+from .common import (LN2, LOG2E, P_INV_TEMPERATURE, TL_DTYPE, RowLayout, acc_dtype, as_rows, check_inplace_backward,
+                     launch_config, launchable, load_param, row_gradient_tile, row_offset, row_softmax_stats,
+                     row_vector, triton_op)
 
 Tensor = torch.Tensor
 
@@ -56,22 +57,34 @@ def _selective_log_softmax_fwd_kernel(
     logps_ptr,  # (N,) ACC_DTYPE
     lse_ptr,  # (N,) ACC_DTYPE
     entropy_ptr,  # (N,) ACC_DTYPE or None
+    row_mask_ptr,  # (N,) any dtype, 0 = skip the row (read nothing, write 0s), or None
     V,
     rows_inner,
     stride_outer,
     stride_inner,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
+    HAS_ROW_MASK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row_offset(row, rows_inner, stride_outer, stride_inner)
+    n_cols = V
+    if HAS_ROW_MASK:
+        keep = tl.load(row_mask_ptr + row) != 0
+        n_cols = tl.where(keep, V, 0)
     target = tl.load(ids_ptr + row).to(tl.int64)
     inv_temperature = load_param(params_ptr, P_INV_TEMPERATURE, ACC_DTYPE)
     lse, z_target, entropy = row_softmax_stats(
-        row_ptr, target, V, inv_temperature, BLOCK_V, COMPUTE_ENTROPY, ACC_DTYPE
+        row_ptr, target, n_cols, inv_temperature, BLOCK_V, VEC, COMPUTE_ENTROPY, ACC_DTYPE
     )
-    tl.store(logps_ptr + row, z_target - lse)
+    logp = z_target - lse
+    if HAS_ROW_MASK:
+        logp = tl.where(keep, logp, 0.0)
+        lse = tl.where(keep, lse, 0.0)
+        entropy = tl.where(keep, entropy, 0.0)
+    tl.store(logps_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if COMPUTE_ENTROPY:
         tl.store(entropy_ptr + row, entropy)
@@ -80,7 +93,7 @@ def _selective_log_softmax_fwd_kernel(
 @triton.jit
 def _selective_log_softmax_bwd_kernel(
     logits_ptr,  # (N, V), read
-    dlogits_ptr,  # (N, V), written; may alias logits_ptr (each element is read before it is written)
+    dlogits_ptr,  # (N, V), written; may alias logits_ptr (see the ordering note below)
     ids_ptr,  # (N,)
     params_ptr,  # (NUM_SLOTS,) float64 hyperparameters
     lse_ptr,  # (N,) saved by forward
@@ -94,6 +107,7 @@ def _selective_log_softmax_bwd_kernel(
     out_stride_outer,
     out_stride_inner,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
     HAS_DENTROPY: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
@@ -102,24 +116,54 @@ def _selective_log_softmax_bwd_kernel(
     out_row_ptr = dlogits_ptr + row_offset(row, rows_inner, out_stride_outer, out_stride_inner)
     target = tl.load(ids_ptr + row).to(tl.int64)
     inv_temperature = load_param(params_ptr, P_INV_TEMPERATURE, ACC_DTYPE)
-    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
-    # d/dlogits = d/dz * inv_temperature: fold it into the two row scalars once.
-    g_logp = tl.load(dlogps_ptr + row).to(ACC_DTYPE) * inv_temperature
+    # d/dlogits = d/dz * inv_temperature: fold it into the row scalars once.
+    g = tl.load(dlogps_ptr + row).to(ACC_DTYPE) * inv_temperature
+    active = g != 0.0
+    g_a = g
+    g_b = g * 0.0
     if HAS_DENTROPY:
         g_entropy = tl.load(dentropy_ptr + row).to(ACC_DTYPE) * inv_temperature
-        entropy = tl.load(entropy_ptr + row).to(ACC_DTYPE)
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        in_row = offs < V
-        z = tl.load(row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC_DTYPE) * inv_temperature
-        log_p = z - lse
-        p = tl.exp(log_p)
-        dz = tl.where(offs == target, g_logp, 0.0) - g_logp * p
-        if HAS_DENTROPY:
-            # p log p -> 0 as p -> 0; a -inf logit must not give 0 * -inf = NaN.
-            dz -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
-        tl.store(out_row_ptr + offs, dz.to(dlogits_ptr.dtype.element_ty), mask=in_row)
+        active = active | (g_entropy != 0.0)
+        g_a = g + g_entropy * tl.load(entropy_ptr + row).to(ACC_DTYPE)
+        g_b = g_entropy * tl.full([], LN2, ACC_DTYPE)
+    ROWS: tl.constexpr = BLOCK_V // VEC
+    offs = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    out_ty = dlogits_ptr.dtype.element_ty
+    full = (V // BLOCK_V) * BLOCK_V
+    if active:
+        log2e = tl.full([], LOG2E, ACC_DTYPE)
+        c = inv_temperature * log2e
+        lse2 = tl.load(lse_ptr + row).to(ACC_DTYPE) * log2e
+        # The target column's gradient is written after the sweep, from its logit read before it:
+        # no per-column id compare in the loop. In place (dlogits aliases logits) the sweep
+        # overwrites that logit, so it is read first, and the barriers order the read before the
+        # sweep's stores and the sweep's store of that column before the fix-up store (a CTA
+        # barrier orders the global accesses of the threads it joins).
+        in_vocab = (target >= 0) & (target < V)
+        x_target = tl.load(row_ptr + target, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
+        tl.debug_barrier()
+        for start in range(0, full, BLOCK_V):
+            x = tl.load(row_ptr + start + offs).to(ACC_DTYPE)
+            dz = row_gradient_tile(x, c, lse2, g, g_a, g_b, HAS_DENTROPY)
+            tl.store(out_row_ptr + start + offs, dz.to(out_ty))
+        if full < V:
+            cols = full + offs
+            in_row = cols < V
+            x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(ACC_DTYPE)
+            dz = row_gradient_tile(x, c, lse2, g, g_a, g_b, HAS_DENTROPY)
+            tl.store(out_row_ptr + cols, dz.to(out_ty), mask=in_row)
+        tl.debug_barrier()
+        dz_target = g + row_gradient_tile(x_target, c, lse2, g, g_a, g_b, HAS_DENTROPY)
+        tl.store(out_row_ptr + target, dz_target.to(out_ty), mask=in_vocab)
+    else:
+        # No incoming gradient (a masked position): the row's gradient is exactly 0, whatever its
+        # logits hold (NaN included); nothing is read.
+        zeros = tl.zeros([ROWS, VEC], dtype=out_ty)
+        for start in range(0, full, BLOCK_V):
+            tl.store(out_row_ptr + start + offs, zeros)
+        if full < V:
+            cols = full + offs
+            tl.store(out_row_ptr + cols, zeros, mask=cols < V)
 
 
 # --------------------------------------------------------------------------------------
@@ -154,11 +198,22 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1).contiguous()
 
 
-def vocab_fwd(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, block_v: Optional[int] = None
-              ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def _check_row_mask(row_mask: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
+    if row_mask is None:
+        return None
+    if not isinstance(row_mask, torch.Tensor) or row_mask.numel() != n or row_mask.device != device:
+        raise ValueError(f"row_mask must hold one value per logits row ({n}) on {device}, got "
+                         f"{getattr(row_mask, 'shape', type(row_mask).__name__)}")
+    return row_mask.reshape(-1).contiguous()
+
+
+def vocab_fwd(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, block_v: Optional[int] = None,
+              row_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The forward launcher: :func:`logits_fwd` for ``(N, V)`` or ``(B, T, V)`` logits, launched
-    directly (``block_v`` overrides the tile width); outputs are flat ``(N,)``."""
+    directly (``block_v`` overrides the tile width); outputs are flat ``(N,)``. A row whose
+    ``row_mask`` is 0 is not read: its logp, lse and entropy are 0."""
     layout = _check_vocab_inputs(logits, ids, params)
+    row_mask = _check_row_mask(row_mask, layout.n_rows, logits.device)
     acc = acc_dtype(logits.dtype)
     n = layout.n_rows
     logps = torch.empty(n, dtype=acc, device=logits.device)
@@ -170,18 +225,20 @@ def vocab_fwd(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool
         raise ValueError("logits must have a non-empty vocab dim")
     block, warps = launch_config(layout.vocab, block_v)
     launchable(_selective_log_softmax_fwd_kernel)[(n,)](
-        logits, _flat(ids), params, logps, lse, entropy,
+        logits, _flat(ids), params, logps, lse, entropy, row_mask,
         layout.vocab, layout.rows_inner, layout.stride_outer, layout.stride_inner,
-        BLOCK_V=block, COMPUTE_ENTROPY=entropy is not None, ACC_DTYPE=TL_DTYPE[acc], num_warps=warps,
+        BLOCK_V=block, VEC=row_vector(logits, block), COMPUTE_ENTROPY=entropy is not None,
+        HAS_ROW_MASK=row_mask is not None, ACC_DTYPE=TL_DTYPE[acc], num_warps=warps, enable_fp_fusion=True,
     )
     return logps, lse, entropy
 
 
 def vocab_bwd(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
-              entropy: Optional[Tensor], params: Tensor, out: Optional[Tensor] = None, block_v: Optional[int] = None
-              ) -> Tensor:
+              entropy: Optional[Tensor], params: Tensor, out: Optional[Tensor] = None, block_v: Optional[int] = None,
+              grad_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The backward launcher: :func:`logits_bwd` for ``(N, V)`` or ``(B, T, V)`` logits, launched
-    directly; ``dlogps`` etc. are ``(N,)``."""
+    directly; ``dlogps`` etc. are ``(N,)``. Without ``out`` the gradient is allocated in
+    ``grad_dtype`` (default the logits' dtype)."""
     layout = _check_vocab_inputs(logits, ids, params)
     n = layout.n_rows
     for name, t in (("lse", lse), ("dlogps", dlogps), ("dentropy", dentropy), ("entropy", entropy)):
@@ -190,7 +247,9 @@ def vocab_bwd(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy
     if dentropy is not None and entropy is None:
         raise ValueError("entropy (saved by forward) is required when dentropy is given")
     if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if grad_dtype is not None and not grad_dtype.is_floating_point:
+            raise TypeError(f"grad_dtype must be a float dtype, got {grad_dtype}")
+        out = torch.empty(logits.shape, dtype=grad_dtype or logits.dtype, device=logits.device)
     elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
         raise ValueError(
             f"out must match logits (shape {tuple(logits.shape)}, {logits.dtype}, {logits.device}), "
@@ -206,7 +265,8 @@ def vocab_bwd(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy
         _flat(entropy) if dentropy is not None else None,
         layout.vocab, layout.rows_inner, layout.stride_outer, layout.stride_inner,
         out_layout.stride_outer, out_layout.stride_inner,
-        BLOCK_V=block, HAS_DENTROPY=dentropy is not None, ACC_DTYPE=TL_DTYPE[acc], num_warps=warps,
+        BLOCK_V=block, VEC=row_vector(logits, block), HAS_DENTROPY=dentropy is not None, ACC_DTYPE=TL_DTYPE[acc],
+        num_warps=warps, enable_fp_fusion=True,
     )
     return out
 
@@ -217,8 +277,9 @@ def vocab_bwd(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy
 
 
 @triton_op("triton_vocab_fwd")
-def _vocab_fwd_op(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    logps, lse, entropy = vocab_fwd(logits, ids, params, compute_entropy)
+def _vocab_fwd_op(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool,
+                  row_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    logps, lse, entropy = vocab_fwd(logits, ids, params, compute_entropy, row_mask=row_mask)
     # A custom op cannot return None: an empty tensor stands for "entropy not computed".
     return logps, lse, lse.new_empty(0) if entropy is None else entropy
 
@@ -226,8 +287,8 @@ def _vocab_fwd_op(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: 
 # The backward ops take (logits, ids, lse, dlogps, dentropy, entropy, params[, out]) as vocab_bwd.
 @triton_op("triton_vocab_bwd")
 def _vocab_bwd_op(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tensor, dentropy: Optional[Tensor],
-                  entropy: Optional[Tensor], params: Tensor) -> Tensor:
-    return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, params)
+                  entropy: Optional[Tensor], params: Tensor, grad_dtype: Optional[torch.dtype] = None) -> Tensor:
+    return vocab_bwd(logits, ids, lse, dlogps, dentropy, entropy, params, grad_dtype=grad_dtype)
 
 
 @triton_op("triton_vocab_bwd_out", mutates_args=("out",))
@@ -243,16 +304,19 @@ def _vocab_bwd_inplace_op(logits: Tensor, ids: Tensor, lse: Tensor, dlogps: Tens
 
 
 def logits_fwd(
-    logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool
+    logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, row_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Per-row ``logp``, ``lse`` and (optionally) entropy of ``logits / temperature``.
 
     Args:
         logits: ``(N, V)`` fp32 / bf16 / fp16 / fp64; any row stride, last dim contiguous.
-        ids: ``(N,)`` int64 / int32 target ids in ``[0, V)`` (not checked here: no host sync).
+        ids: ``(N,)`` int64 / int32 target ids in ``[0, V)`` (not checked here: no host sync). An
+            id outside ``[0, V)`` is never read: its target logit counts as -inf (``logp = -inf``).
         params: ``(NUM_SLOTS,)`` float64 hyperparameters on the logits' device (the temperature
             slots are read), e.g. ``LossParams.values_on(device)`` or ``vocab_values(T)``.
         compute_entropy: also return ``H = -sum p log p``.
+        row_mask: ``(N,)`` or None; a row whose value is 0 is not read at all and gets
+            ``logp = lse = entropy = 0`` (for masked positions: no HBM traffic).
 
     Returns:
         ``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (fp64 for fp64 logits);
@@ -262,7 +326,7 @@ def logits_fwd(
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     # Through the op: an eager op call launches the kernel directly (no tracing wrapper), and a
     # caller being traced by torch.compile sees one op.
-    logps, lse, entropy = _vocab_fwd_op(logits, ids, params, bool(compute_entropy))
+    logps, lse, entropy = _vocab_fwd_op(logits, ids, params, bool(compute_entropy), row_mask)
     return logps, lse, entropy if compute_entropy else None
 
 
@@ -275,11 +339,14 @@ def logits_bwd(
     entropy: Optional[Tensor],
     params: Tensor,
     out: Optional[Tensor] = None,
+    grad_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Gradient of ``sum(dlogps * logps + dentropy * entropy)`` with respect to ``logits``.
 
     ``dlogits_j = (dlogps * (onehot_j - p_j) - dentropy * p_j * (log p_j + H)) / temperature``
-    with ``p = softmax(logits / temperature)`` recomputed from the saved ``lse``.
+    with ``p = softmax(logits / temperature)`` recomputed from the saved ``lse``. A row whose
+    ``dlogps`` (and ``dentropy``) are 0 is not read: its gradient is written as exact zeros,
+    whatever its logits hold (the masked positions of a loss).
 
     Args:
         logits: ``(N, V)`` as given to :func:`logits_fwd`.
@@ -290,14 +357,17 @@ def logits_bwd(
         params: the forward's hyperparameter vector.
         out: ``(N, V)`` buffer in logits' dtype to write into; ``out=logits`` overwrites the
             logits with their gradient (zero extra memory; the logits are gone afterwards).
+        grad_dtype: without ``out``, the dtype of the returned gradient (default logits' dtype):
+            the chunked linear path reads fp32 logits and writes bf16 dlogits for its GEMM in
+            the same pass (no cast pass).
 
     Returns:
-        ``dlogits`` ``(N, V)`` in logits' dtype (``out`` when given).
+        ``dlogits`` ``(N, V)`` in ``grad_dtype`` or logits' dtype (``out`` when given).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
     if out is None:
-        return _vocab_bwd_op(logits, ids, lse, dlogps, dentropy, entropy, params)
+        return _vocab_bwd_op(logits, ids, lse, dlogps, dentropy, entropy, params, grad_dtype)
     if out is logits:
         _vocab_bwd_inplace_op(logits, ids, lse, dlogps, dentropy, entropy, params)
     else:
@@ -333,9 +403,10 @@ class SelectiveLogSoftmax(torch.autograd.Function):
     """``(logits (..., V), ids (...), params) -> (logps (...), entropy (...) or None)``, differentiable in logits."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, inplace_backward: bool):
+    def forward(ctx, logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: bool, inplace_backward: bool,
+                row_mask: Optional[Tensor] = None):
         rows = as_rows(logits)
-        logps, lse, entropy = _vocab_fwd_op(rows, ids, params, compute_entropy)
+        logps, lse, entropy = _vocab_fwd_op(rows, ids, params, compute_entropy, row_mask)
         entropy = entropy if compute_entropy else None
         ctx.saved = _SavedVocabPass(inplace_backward, tuple(logits.shape))
         # (No ctx.set_materialize_grads(False): torch.compile cannot trace it. An entropy nobody
@@ -356,7 +427,7 @@ class SelectiveLogSoftmax(torch.autograd.Function):
             rows, ids, lse, dlogps.reshape(-1), None if dentropy is None else dentropy.reshape(-1),
             entropy, params, saved.inplace_backward,
         )
-        return dlogits.view(saved.out_shape), None, None, None, None
+        return dlogits.view(saved.out_shape), None, None, None, None, None
 
 
 def selective_log_softmax(
@@ -365,6 +436,7 @@ def selective_log_softmax(
     params: Tensor,
     compute_entropy: bool = False,
     inplace_backward: bool = False,
+    row_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Triton :func:`grpo_fused.reference.selective_log_softmax`, differentiable in ``logits``.
 
@@ -377,10 +449,13 @@ def selective_log_softmax(
         inplace_backward: backward writes the gradient into ``logits``' buffer; the caller must
             not read those logits after backward (eager mode only; under torch.compile the
             gradient gets its own buffer). Default False.
+        row_mask: ``(...)`` or None (default): positions whose value is 0 are not read (their
+            logps and entropy are 0, their gradient rows exact zeros). The loss paths pass the
+            completion mask, so masked tokens cost no HBM read.
 
     Returns:
         ``(logps, entropy)``, ``(...)`` fp32 (fp64 for fp64 logits); entropy is None unless asked.
     """
     if inplace_backward:
         check_inplace_backward(logits)
-    return SelectiveLogSoftmax.apply(logits, ids, params, bool(compute_entropy), bool(inplace_backward))
+    return SelectiveLogSoftmax.apply(logits, ids, params, bool(compute_entropy), bool(inplace_backward), row_mask)

@@ -88,15 +88,30 @@ class TwinTrainer(gf_trl.FusedGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.records = []
 
+    # TRL's adaptive entropy controller updates these on every loss call in train mode.
+    CONTROLLER = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         params = [p for p in model.parameters() if p.requires_grad]
         before = {k: len(v) for k, v in self._metrics[mode].items()}
-        trl_loss = GRPOTrainer._compute_loss(self, model, inputs)
+        controller = {k: getattr(self, k, None) for k in self.CONTROLLER}
+        with gf_trl.using_trl_head(self):  # TRL's own head and loss, on the same micro-batch
+            trl_loss = GRPOTrainer._compute_loss(self, model, inputs)
+        trl_controller = {k: getattr(self, k, None) for k in self.CONTROLLER}
+        for k, value in controller.items():  # the fused call starts from the same controller state
+            setattr(self, k, value)
         # Take TRL's appended values out, so the fused ones are what the trainer logs.
         trl_metrics = self._new_metrics(mode, before, remove=True)
         trl_grads = torch.autograd.grad(trl_loss, params, allow_unused=True)
         fused_loss = gf_trl.fused_compute_loss(self, model, inputs)
+        for k, value in trl_controller.items():
+            mine = getattr(self, k, None)
+            assert (mine is None) == (value is None), k
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(mine, value, rtol=1e-5, atol=1e-6, msg=k)
+            elif value is not None:
+                assert mine == value or abs(mine - value) <= 1e-6 * max(1.0, abs(value)), k
         fused_metrics = self._new_metrics(mode, before, remove=False)
         fused_grads = torch.autograd.grad(fused_loss, params, retain_graph=True, allow_unused=True)
         self.records.append(dict(
@@ -144,11 +159,11 @@ def _assert_twin_equal(trainer, dtype=torch.float32):
         # fp32, so logits differ by bf16 rounding; gradients are bf16 (2^-8 relative ulp). A clip flag
         # may flip on a ratio within rounding of its threshold: the clip fractions get 2 tokens' slack.
         loss_tol, grad_rtol, grad_atol, metric_tol, clip_atol = (2e-3, 1e-4), 2e-2, 2e-2, (2e-2, 2e-3), 0.1
-    moved = False
+    moved, nonzero_grads = False, 0
     for r in records:
         torch.testing.assert_close(r["fused_loss"], r["trl_loss"], rtol=loss_tol[0], atol=loss_tol[1])
         scale = max(g.abs().max().item() for g in r["trl_grads"] if g is not None)
-        assert scale > 0
+        nonzero_grads += scale > 0
         for g_trl, g_fused in zip(r["trl_grads"], r["fused_grads"]):
             if g_trl is None:
                 assert g_fused is None or not g_fused.any()
@@ -164,6 +179,7 @@ def _assert_twin_equal(trainer, dtype=torch.float32):
             )
         moved |= any(abs(r["trl_metrics"].get(k, [0.0])[0]) > 0 for k in
                      ("clip_ratio/region_mean", "cispo_clip_ratio", "kl"))
+    assert nonzero_grads, "every micro-batch had a zero gradient: nothing was compared"
     return moved
 
 
@@ -183,15 +199,16 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_trl_trainer_same_loss_grads_metrics(case, model_dir, tmp_path):
     trainer = _run_twin(model_dir, tmp_path, **CASES[case])
-    assert trainer._grpo_fused.lm_head == "linear"
+    assert trainer._grpo_fused.lm_head == "grpo_fused"
     moved = _assert_twin_equal(trainer)
     # The large learning rate must have moved the policy so that clipping / KL are exercised.
     assert moved, f"{case}: no clipping or KL happened, the comparison would not test them"
 
 
-def test_trl_logits_path_matches(model_dir, tmp_path):
-    trainer = _run_twin(model_dir, tmp_path, lm_head="logits", loss_type="dapo", beta=0.04)
-    assert trainer._grpo_fused.lm_head == "logits"
+def test_trl_head_kept_matches(model_dir, tmp_path):
+    # lm_head="trl": TRL's own head computes the log-probs, grpo-fused the loss.
+    trainer = _run_twin(model_dir, tmp_path, lm_head="trl", loss_type="dapo", beta=0.04)
+    assert trainer._grpo_fused.lm_head == "trl"
     _assert_twin_equal(trainer)
 
 
@@ -247,30 +264,36 @@ def test_config_mapping():
     assert gf_trl.config_from_trl_args(args_sym).eps_high == 0.1
 
 
-@pytest.mark.parametrize(
-    "option, match",
-    [
-        (dict(loss_type="vespo"), "loss_type='vespo'"),
-        (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
-        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-        (dict(use_adaptive_entropy=True, entropy_coef=0.01), "use_adaptive_entropy"),
-    ],
-)
-def test_unsupported_trl_options_raise(option, match, model_dir, tmp_path):
-    with pytest.raises(ValueError, match=match):
-        gf_trl.FusedGRPOTrainer(
-            model=model_dir, reward_funcs=_reward, args=_args(tmp_path, **option),
-            train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
-            processing_class=build_char_tokenizer("abc="),
-        )
+# Options grpo_fused.GRPOConfig does not state: the patched trainer runs TRL's own loss code on the
+# grpo-fused head. Each changes the numbers here (the assertions below check that it did something).
+TRL_ONLY = {
+    "vespo": dict(loss_type="vespo", beta=0.04),
+    "top_entropy_quantile": dict(loss_type="dapo", top_entropy_quantile=0.2, entropy_coef=0.01),
+    "off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.05),
+    "adaptive_entropy": dict(loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=10.0,
+                             entropy_coef_delta=0.005),
+}
 
 
-def test_linear_head_refuses_softcapping():
+@pytest.mark.parametrize("case", list(TRL_ONLY))
+def test_trl_only_options_run_trl_loss_on_the_fused_head(case, model_dir, tmp_path):
+    trainer = _run_twin(model_dir, tmp_path, **TRL_ONLY[case])
+    assert trainer._grpo_fused.config is None and trainer._grpo_fused.lm_head == "grpo_fused"
+    _assert_twin_equal(trainer)
+    logged = {k for r in trainer.records for k in r["trl_metrics"]}
+    if case == "vespo":
+        assert "vespo/phi_seq_mean" in logged
+    if case == "adaptive_entropy":
+        coefs = [v for r in trainer.records for v in r["fused_metrics"].get("entropy_coef", [])]
+        assert coefs and coefs[0] != 0.01, "the controller never moved"
+
+
+def test_fused_head_refuses_softcapping():
     model = build_tiny_model(8, hidden_size=16, num_layers=1, num_heads=2)
     model.config.final_logit_softcapping = 30.0
-    assert gf_trl._resolve_lm_head(model, "auto")[0] == "logits"
+    assert gf_trl._resolve_lm_head(model, "auto")[0] == "trl"
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        gf_trl._resolve_lm_head(model, "linear")
+        gf_trl._resolve_lm_head(model, "grpo_fused")
     with pytest.raises(ValueError, match="lm_head must be one of"):
         gf_trl._resolve_lm_head(model, "fused")
 
@@ -302,5 +325,63 @@ def test_vllm_is_ratio_tool_mask_and_eval_mode(loss_type, model_dir, tmp_path):
         torch.testing.assert_close(fused_loss, trl_loss, rtol=2e-5, atol=1e-6)
         for a, b in zip(torch.autograd.grad(fused_loss, params), torch.autograd.grad(trl_loss, params)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="multimodal"):
-        gf_trl.fused_compute_loss(trainer, trainer.model, dict(inputs, pixel_values=torch.zeros(1)))
+
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory):
+    # A randomly initialized two-expert Qwen2-MoE whose config asks for router logits and carries a
+    # router_aux_loss_coef, so TRL adds the load-balancing loss.
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_qwen2_moe")
+    tokenizer = build_char_tokenizer("abc=")
+    config = Qwen2MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                            output_router_logits=True, router_aux_loss_coef=0.05, tie_word_embeddings=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Qwen2MoeForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_moe_router_loss_is_added_as_trl_adds_it(moe_model_dir, tmp_path):
+    trainer = _run_twin(moe_model_dir, tmp_path, loss_type="dapo", beta=0.04)
+    assert trainer.aux_loss_enabled and trainer._grpo_fused.lm_head == "grpo_fused"
+    _assert_twin_equal(trainer)
+    assert all("aux_loss" in r["fused_metrics"] for r in trainer.records)
+
+
+def _train_logs(model_dir, tmp_path, trainer_class, **overrides):
+    trainer = trainer_class(
+        model=model_dir, reward_funcs=_reward, args=_args(tmp_path, **overrides),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=build_char_tokenizer("abc="),
+    )
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h], trainer
+
+
+@pytest.mark.parametrize("precision", ["bf16_model", "bf16_autocast"])
+def test_bf16_run_matches_trl_within_trl_own_head_precision(precision, model_dir, tmp_path):
+    # Unmodified TRL multiplies its head in bf16; grpo-fused's head in fp32. How far two TRL runs drift
+    # apart when only the head's precision changes (cast_lm_head_to_fp32) is the tolerance.
+    overrides = dict(loss_type="dapo", beta=0.04, max_steps=2, num_iterations=1, gradient_accumulation_steps=1)
+    if precision == "bf16_model":
+        overrides["model_init_kwargs"] = {"dtype": torch.bfloat16}
+    else:
+        overrides.update(bf16=True, use_cpu=True)
+    trl_logs, _ = _train_logs(model_dir, tmp_path / "trl", GRPOTrainer, **overrides)
+    control_logs, _ = _train_logs(model_dir, tmp_path / "control", GRPOTrainer, cast_lm_head_to_fp32=True, **overrides)
+    fused_logs, fused = _train_logs(model_dir, tmp_path / "fused", gf_trl.FusedGRPOTrainer, **overrides)
+    # On-policy, the old and reference passes and the loss share the fused head: the first step's KL is
+    # exactly 0 and the loss is exactly -mean(advantage) over the tokens (dapo), in any precision.
+    assert fused_logs[0]["kl"] == 0.0
+    for key in ("loss", "grad_norm", "entropy"):
+        for step, (mine, theirs, control) in enumerate(zip(fused_logs, trl_logs, control_logs)):
+            bound = 2 * abs(control[key] - theirs[key]) + 1e-6 * max(1.0, abs(theirs[key]))
+            assert abs(mine[key] - theirs[key]) <= bound, f"step {step} {key}: {mine[key]} vs TRL {theirs[key]} " \
+                                                          f"(TRL with an fp32 head: {control[key]})"

@@ -14,6 +14,12 @@ with the semantics layer's :func:`token_metrics`.
 * The linear path runs a strategy's vocab pass (``chunked``: GEMMs on token chunks + the row
   kernels; ``tiled``: logit tiles on chip), then the same tail.
 
+Masked positions cost no HBM read (:data:`SKIP_MASKED_ROWS`): the token-level kernel skips rows
+whose reduction weight is 0, the sequence-level path hands the completion mask to the vocab op as
+its row mask, and every backward writes zeros without reading a row that receives no gradient. The
+per-token ``logps`` / ``entropy`` returned at masked positions are then 0 (the tail's neutral value;
+nothing at a masked position reaches the loss, a metric or a gradient either way).
+
 Importing this module imports Triton; the dispatcher treats an ImportError as "not available".
 """
 
@@ -31,7 +37,7 @@ from grpo_fused.kernels.linear_chunked import Chunked
 from grpo_fused.kernels.linear_log_softmax import linear_log_softmax as _linear_log_softmax
 from grpo_fused.kernels.linear_tiled import Tiled
 from grpo_fused.kernels import selective_log_softmax as _vocab
-from grpo_fused.kernels.common import FLAG_HIGH, FLAG_LOW, check_inplace_backward
+from grpo_fused.kernels.common import FLAG_HIGH, FLAG_LOW, check_inplace_backward, cpu_tensors_accepted
 
 from ..semantics import (
     GRPOOutput,
@@ -49,11 +55,16 @@ Tensor = torch.Tensor
 
 group_advantages = _advantages.group_advantages
 
+# Rows at masked positions are not read in forward (1 read of N x V saved per masked token, 1/3 of
+# the logits path's bytes there). GRPO_FUSED_SKIP_MASKED_ROWS=0 reads them (their logps and
+# entropy are then those of their ids) at the cost of those bytes. Read at each call.
+SKIP_MASKED_ROWS = os.environ.get("GRPO_FUSED_SKIP_MASKED_ROWS", "1") != "0"
+
 
 def availability(device):
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and cpu_tensors_accepted():
         return None
     return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
 
@@ -108,8 +119,11 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
     spec = params.spec
     values = params.values_on(logits.device)
     if spec.sequence_level:
+        row_mask = None
+        if SKIP_MASKED_ROWS and batch.completion_mask is not None:
+            row_mask = batch.completion_mask != 0
         logps, entropy = _vocab.selective_log_softmax(logits, batch.completion_ids, values, spec.compute_entropy,
-                                                      inplace_backward)
+                                                      inplace_backward, row_mask)
         return grpo_output(logps, entropy, batch, params)
 
     B, T = batch.shape
@@ -131,6 +145,7 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
         bonus_weights,
         codes,
         bool(inplace_backward),
+        SKIP_MASKED_ROWS,
     )
 
     def rows(t):

@@ -1,4 +1,4 @@
-"""Make TRL's ``GRPOTrainer`` compute its loss with grpo-fused.
+"""Make TRL's ``GRPOTrainer`` compute its log-probs and its loss with grpo-fused.
 
 One line, either way::
 
@@ -9,52 +9,54 @@ One line, either way::
     from grpo_fused.integrations import trl as gf_trl
     gf_trl.patch_trainer(trainer)
 
-The patched ``_compute_loss`` honors the trainer's config (``loss_type``, ``epsilon``,
-``epsilon_high``, ``delta``, ``beta``, ``importance_sampling_level``, ``temperature``,
-``use_bias_correction_kl``, ``sapo_temperature_*``, ``entropy_coef``, ``max_completion_length``),
-TRL 1.16's normalizers (gradient accumulation, ``num_items_in_batch`` for dapo / cispo), the vLLM
-importance-sampling ratio and the tool mask, and appends the same metric names and values to
-``trainer._metrics`` as TRL does. Options outside the spec raise a ``ValueError`` when the trainer is
-patched, never a silent difference: ``loss_type="vespo"``, ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, ``use_adaptive_entropy``, a MoE auxiliary loss, multimodal inputs.
+Two things change, and every option of TRL 1.16's ``GRPOConfig`` keeps TRL's numbers:
 
-Two ways to reach the loss (``lm_head=``):
-
-- ``"linear"``: run the backbone (``output_hidden_states=True, logits_to_keep=1``, so the model's
-  own head projects one position only) and call :func:`grpo_fused.linear_grpo_loss` with
-  ``lm_head.weight``: fused backends never materialize the ``(B, T, V)`` logits (the reference
-  backend does). A model's ``logit_scale`` folds into the temperature.
-- ``"logits"``: the model's forward produces the completion logits (``logits_to_keep=T+1``) and
-  :func:`grpo_fused.grpo_loss` consumes them. Needed when the head is not a plain linear map
-  (``final_logit_softcapping``).
-- ``"auto"`` (default): ``"linear"`` unless the model needs ``"logits"``.
+1. **The LM head.** TRL 1.16 computes every per-token log-prob (the loss's, and the no-grad old and
+   reference passes) through a fused head, ``model(..., labels=labels, fused_lm_head=True)``. The
+   patch replaces that head on the policy and reference models with
+   :func:`grpo_fused.linear_log_softmax` over the scored positions: hidden states times
+   ``lm_head.weight``, the logits never whole in memory, in fp32 whatever the autocast (TRL's own head
+   multiplies in bf16 under ``bf16=True``). The loss and the old / reference passes then run the same
+   code on the same positions, so on-policy the ratio is exactly 1 and the KL exactly 0 in any dtype.
+   Multimodal inputs, the MoE router loss and PEFT go through TRL's own plumbing unchanged. A head
+   that is not a plain linear map (``final_logit_softcapping``, a non-positive ``logit_scale``) keeps
+   TRL's head (``lm_head="trl"``); a model's ``logit_scale`` folds into the temperature.
+2. **The loss.** When :func:`config_from_trl_args` can state the trainer's options as a
+   :class:`grpo_fused.GRPOConfig` (every ``loss_type`` but ``vespo``, no token-entropy mask, no
+   off-policy mask, no adaptive entropy controller), the ``(B, T)`` tail of grpo-fused computes the loss
+   and the metrics from the head's log-probs, with TRL 1.16's normalizers (gradient accumulation,
+   ``num_items_in_batch``), the vLLM importance-sampling ratio, the tool mask, the entropy bonus and the
+   router loss. The other options (``loss_type="vespo"``, ``top_entropy_quantile < 1``,
+   ``off_policy_mask_threshold``, ``use_adaptive_entropy``) run TRL's own ``_compute_loss`` on the
+   grpo-fused head: TRL's numbers by construction, still without the ``(B, T, V)`` logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 
 from .. import api
-from .._dispatch import LINEAR_STRATEGIES
-from ..semantics import LOSS_TYPES, GRPOConfig, Normalizer, Surrogate, clip_flags, importance_log_ratio
+from .._dispatch import BACKENDS, LINEAR_STRATEGIES
+from ..semantics import (LOSS_TYPES, GRPOConfig, LossBatch, Normalizer, Surrogate, clip_flags, grpo_output,
+                         importance_log_ratio)
 
 try:  # TRL is optional for the package, required to use this module's trainer class.
     from trl import GRPOTrainer as _TRLGRPOTrainer
 except ImportError:  # pragma: no cover - exercised only without TRL installed
     _TRLGRPOTrainer = None
 
-__all__ = ["FusedGRPOTrainer", "FusedLossSettings", "config_from_trl_args", "fused_compute_loss", "patch_trainer"]
+__all__ = ["FusedGRPOTrainer", "FusedLossSettings", "config_from_trl_args", "fused_compute_loss", "install_fused_head",
+           "patch_trainer", "using_trl_head"]
 
-SUPPORTED_LOSS_TYPES = tuple(name for name, row in LOSS_TYPES.items() if row.in_trl)
-LM_HEAD_MODES = ("auto", "linear", "logits")
-# Input keys that carry images or other model inputs the adapter does not forward.
-_MULTIMODAL_KEYS = (
+LM_HEAD_MODES = ("auto", "grpo_fused", "trl")
+# Inputs TRL hands its log-prob function for vision-language models (forwarded to the model as they are).
+MULTIMODAL_KEYS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )
@@ -62,28 +64,45 @@ _MULTIMODAL_KEYS = (
 
 @dataclasses.dataclass(frozen=True)
 class FusedLossSettings:
-    """How the patched trainer computes its loss.
+    """How the patched trainer computes its log-probs and its loss.
 
     Attributes:
-        config: the :class:`GRPOConfig` mapped from the trainer's args (``entropy_coef`` is rescaled
-            per call for dapo / cispo, see :func:`fused_compute_loss`).
-        lm_head: ``"linear"`` or ``"logits"`` (resolved from ``"auto"``).
-        temperature: the temperature handed to the op: TRL's temperature divided by the model's
-            ``logit_scale`` on the linear path.
+        config: the :class:`GRPOConfig` of the trainer's args, or None when the options need TRL's own
+            loss code (see the module docstring).
+        lm_head: ``"grpo_fused"`` (the head is replaced) or ``"trl"`` (TRL's head is kept).
+        temperature: the head's temperature: TRL's divided by the model's ``logit_scale``.
         backend: grpo-fused backend (``"auto"``, ``"triton"``, ``"cpp"``, ``"reference"``).
         strategy: linear-path strategy (``"auto"``, ``"chunked"``, ``"tiled"``).
     """
 
-    config: GRPOConfig
+    config: Optional[GRPOConfig]
     lm_head: str
     temperature: float
     backend: str = "auto"
     strategy: str = "auto"
 
 
+def trl_only_options(args) -> list:
+    """The trainer's options that grpo-fused's loss does not state (TRL's own loss code runs them)."""
+    options = []
+    if args.loss_type not in LOSS_TYPES or not LOSS_TYPES[args.loss_type].in_trl:
+        options.append(f"loss_type={args.loss_type!r}")
+    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
+        options.append(f"top_entropy_quantile={args.top_entropy_quantile}")
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        options.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold}")
+    if getattr(args, "use_adaptive_entropy", False):
+        options.append("use_adaptive_entropy=True")
+    return options
+
+
 def config_from_trl_args(args, max_completion_length: Optional[int] = None) -> GRPOConfig:
-    """Map a ``trl.GRPOConfig`` to :class:`grpo_fused.GRPOConfig`; raises on options outside the spec."""
-    _check_trl_args(args)
+    """Map a ``trl.GRPOConfig`` to :class:`grpo_fused.GRPOConfig`; ``ValueError`` for the options of
+    :func:`trl_only_options`, which the patched trainer leaves to TRL's loss code."""
+    only_trl = trl_only_options(args)
+    if only_trl:
+        raise ValueError(f"grpo_fused.GRPOConfig does not state {', '.join(only_trl)}; the patched trainer runs "
+                         "TRL's loss code for them")
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     return GRPOConfig(
         loss_type=args.loss_type,
@@ -103,30 +122,13 @@ def config_from_trl_args(args, max_completion_length: Optional[int] = None) -> G
     )
 
 
-def _check_trl_args(args):
-    unsupported = []
-    if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        unsupported.append(f"loss_type={args.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
-    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
-        unsupported.append(f"top_entropy_quantile={args.top_entropy_quantile} (only 1.0)")
-    if getattr(args, "off_policy_mask_threshold", None) is not None:
-        unsupported.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (only None)")
-    if getattr(args, "use_adaptive_entropy", False):
-        unsupported.append("use_adaptive_entropy=True (only False)")
-    if unsupported:
-        raise ValueError(
-            "grpo_fused cannot reproduce these TRL GRPOConfig options exactly, so it refuses them: "
-            + "; ".join(unsupported)
-        )
+# --------------------------------------------------------------------------------------
+# The LM head.
+# --------------------------------------------------------------------------------------
 
 
-def _resolve_lm_head(model, lm_head: str) -> tuple:
-    """``(mode, logit_scale)`` for ``model``; raises when ``"linear"`` cannot be exact."""
-    if lm_head not in LM_HEAD_MODES:
-        raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, got {lm_head!r}")
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    # The same lookups TRL's fused head does: a multiplier on the logits before the softmax.
+def _logit_scale(text_config) -> float:
+    """The multiplier a model applies to its logits before the softmax (1.0 when none)."""
     scale = getattr(text_config, "logit_scale", None)
     if scale is None:
         scale = getattr(text_config, "output_multiplier", None)
@@ -135,89 +137,174 @@ def _resolve_lm_head(model, lm_head: str) -> tuple:
     if scale is None and getattr(text_config, "logits_scaling", None) is not None:
         scaling = text_config.logits_scaling
         scale = scaling if getattr(text_config, "model_type", "") == "hyperclovax" else 1 / scaling
-    scale = 1.0 if scale is None else float(scale)
+    return 1.0 if scale is None else float(scale)
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _resolve_lm_head(model, lm_head: str) -> tuple:
+    """``(mode, logit_scale)``: ``"grpo_fused"`` when the head is a plain linear map grpo-fused can
+    reproduce exactly, else ``"trl"``; ``lm_head="grpo_fused"`` on any other head raises."""
+    if lm_head not in LM_HEAD_MODES:
+        raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, got {lm_head!r}")
+    text_config = _text_config(model)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = _logit_scale(text_config)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    plain_head = isinstance(head, torch.nn.Linear)
-    linear_ok = softcap is None and scale > 0 and plain_head
-    if lm_head == "linear" and not linear_ok:
-        why = (
-            f"final_logit_softcapping={softcap}" if softcap is not None
-            else f"logit_scale={scale}" if scale <= 0 else f"the output embedding is a {type(head).__name__}"
-        )
-        raise ValueError(f"lm_head='linear' cannot reproduce this model's head ({why}); use lm_head='logits'")
-    mode = lm_head if lm_head != "auto" else ("linear" if linear_ok else "logits")
-    return mode, scale
+    exact = softcap is None and scale > 0 and isinstance(head, torch.nn.Linear)
+    if lm_head == "grpo_fused" and not exact:
+        why = (f"final_logit_softcapping={softcap}" if softcap is not None
+               else f"logit_scale={scale}" if scale <= 0 else f"the output embedding is a {type(head).__name__}")
+        raise ValueError(f"lm_head='grpo_fused' cannot reproduce this model's head ({why}); use lm_head='trl'")
+    return (lm_head if lm_head != "auto" else ("grpo_fused" if exact else "trl")), scale
+
+
+def install_fused_head(model, temperature: float, backend: str = "auto", strategy: str = "auto") -> None:
+    """Make ``model(..., labels=labels, fused_lm_head=True)`` compute its log-probs and entropy with
+    :func:`grpo_fused.linear_log_softmax` (``model`` is the Hugging Face causal LM, PEFT unwrapped).
+
+    Only positions whose next-token label is not -100 are scored, from the backbone's last hidden
+    state and ``lm_head.weight`` / ``bias``, in fp32 outside autocast; the result has TRL 1.16's
+    ``FusedCausalLMOutput`` fields (``log_probs``, ``entropy`` zero at ignored positions, ``aux_loss``
+    for MoE models asked for router logits). Any other call goes to the forward it had before.
+    """
+    import transformers
+
+    previous = model.forward
+    text_config = _text_config(model)
+    # A vision-language model under transformers < 5 exposes its language backbone as `model`.
+    backbone_attr = "base_model"
+    if text_config is not model.config and int(transformers.__version__.split(".")[0]) < 5:
+        backbone_attr = "model"
+
+    # The model's own signature: generate() validates its keyword arguments against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or not getattr(self, "_grpo_fused_head", True):
+            return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                            num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        outputs = getattr(self, backbone_attr)(*args, **kwargs)
+        if shift_labels is None:
+            hidden, labels = outputs.last_hidden_state[:, :-1], labels[:, 1:]
+        else:
+            hidden, labels = outputs.last_hidden_state, shift_labels
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        mask = labels != -100
+        from trl.trainer.utils import maybe_gather_lm_head_ctx  # ZeRO-3 shards the head: gather it here
+
+        # grpo-fused computes in fp32 itself; autocast would turn its chunk GEMMs back to bf16.
+        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            logps, entropy = api.linear_log_softmax(
+                hidden[mask], weight, labels[mask], temperature, bias=bias, compute_entropy=True, strategy=strategy,
+                backend=backend,
+            )
+        # masked_scatter keeps an all-ignored micro-batch connected to the graph (a zero, not an error).
+        log_probs = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
+        entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+        aux_loss = _router_loss(outputs, text_config, kwargs) if kwargs.get("output_router_logits") else None
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return types.SimpleNamespace(loss=loss, log_probs=log_probs, entropy=entropy, aux_loss=aux_loss,
+                                     label_mask=mask, log_sum_sq_probs=None, mean_logits=None, is_top1=None)
+
+    model.forward = types.MethodType(forward, model)
+    model._grpo_fused_head = True
+
+
+def _router_loss(outputs, text_config, kwargs):
+    """The MoE load-balancing loss of the backbone's router logits, as the model's own forward computes it."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts")
+    return load_balancing_loss_func(outputs.router_logits, num_experts, text_config.num_experts_per_tok,
+                                    kwargs.get("attention_mask"))
+
+
+def _head_models(trainer):
+    """The Hugging Face models whose head the trainer calls: the policy (PEFT unwrapped) and the reference."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    models = [model.get_base_model() if hasattr(model, "get_base_model") else model]
+    if getattr(trainer, "ref_model", None) is not None:
+        models.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+    return models
+
+
+class using_trl_head:
+    """``with using_trl_head(trainer): ...`` routes the fused-head calls to TRL's own head (for comparisons)."""
+
+    def __init__(self, trainer):
+        self.models = [m for m in _head_models(trainer) if hasattr(m, "_grpo_fused_head")]
+
+    def __enter__(self):
+        for m in self.models:
+            m._grpo_fused_head = False
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.models:
+            m._grpo_fused_head = True
+
+
+# --------------------------------------------------------------------------------------
+# Patching.
+# --------------------------------------------------------------------------------------
 
 
 def patch_trainer(trainer, *, backend: str = "auto", strategy: str = "auto", lm_head: str = "auto"):
-    """Make ``trainer`` (a ``trl.GRPOTrainer``) compute its loss with grpo-fused; returns ``trainer``.
+    """Make ``trainer`` (a ``trl.GRPOTrainer``, TRL 1.16) use grpo-fused; returns ``trainer``.
 
     Args:
-        trainer: a constructed ``trl.GRPOTrainer`` (TRL 1.16).
+        trainer: a constructed ``trl.GRPOTrainer``.
         backend: grpo-fused backend, ``"auto"`` (Triton on CUDA, C++ on CPU, else the reference).
         strategy: linear-path strategy, ``"auto"``, ``"chunked"`` or ``"tiled"``.
-        lm_head: ``"auto"``, ``"linear"`` (hidden states + lm_head weight, no logits) or ``"logits"``.
-
-    Raises:
-        ValueError: for a trainer option grpo-fused does not reproduce exactly.
+        lm_head: ``"auto"`` (grpo-fused's head wherever it is exact), ``"grpo_fused"`` or ``"trl"``.
     """
-    trainer._grpo_fused = _settings_for(trainer, backend, strategy, lm_head)
+    _install(trainer, backend, strategy, lm_head)
     trainer._compute_loss = types.MethodType(fused_compute_loss, trainer)
     return trainer
 
 
+def _install(trainer, backend, strategy, lm_head) -> None:
+    """The head on the trainer's models and the settings on the trainer (the loss is wired by the caller)."""
+    settings = _settings_for(trainer, backend, strategy, lm_head)
+    if settings.lm_head == "grpo_fused":
+        for model in _head_models(trainer):
+            install_fused_head(model, settings.temperature, backend, strategy)
+    trainer._grpo_fused = settings
+
+
 def _settings_for(trainer, backend, strategy, lm_head) -> FusedLossSettings:
-    config = config_from_trl_args(trainer.args, max_completion_length=trainer.max_completion_length)
-    if getattr(trainer, "aux_loss_enabled", False):
-        raise ValueError("grpo_fused does not add the MoE load-balancing loss; set router_aux_loss_coef=0.0")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    mode, scale = _resolve_lm_head(model, lm_head)
-    temperature = config.temperature / scale if mode == "linear" else config.temperature
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if strategy not in LINEAR_STRATEGIES:
         raise ValueError(f"strategy must be one of {LINEAR_STRATEGIES}, got {strategy!r}")
-    return FusedLossSettings(config, mode, temperature, backend, strategy)
+    config = None
+    if not trl_only_options(trainer.args):
+        config = config_from_trl_args(trainer.args, max_completion_length=trainer.max_completion_length)
+    mode, scale = _resolve_lm_head(_head_models(trainer)[0], lm_head)
+    return FusedLossSettings(config, mode, float(trainer.args.temperature) / scale, backend, strategy)
 
 
-def _completion_features(trainer, model, inputs, settings: FusedLossSettings):
-    """``(features, weight, bias)``: hidden ``(B, T, H)`` + lm_head on the linear path, else logits ``(B, T, V)``."""
-    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    T = completion_ids.size(1)
-    with trainer.accelerator.autocast():
-        if settings.lm_head == "linear":
-            # logits_to_keep=1: the model's own head projects a single position; the completion
-            # positions' logits are left to the loss op. The last entry of hidden_states is the
-            # final-normed output the head reads (checked in tests against the model's logits).
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                        logits_to_keep=1, use_cache=False)
-            hidden = out.hidden_states[-1][:, -T - 1 : -1, :]
-        else:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1, use_cache=False)
-            return out.logits[:, :-1, :], None, None
-    head = trainer.accelerator.unwrap_model(model)
-    if hasattr(head, "get_base_model"):
-        head = head.get_base_model()
-    head = head.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
-    hidden = hidden.to(weight.device)
-    if trainer.args.cast_lm_head_to_fp32:
-        hidden = hidden.float()
-    return hidden, weight, bias
+# --------------------------------------------------------------------------------------
+# The loss.
+# --------------------------------------------------------------------------------------
 
 
 def fused_compute_loss(self, model, inputs):
     """TRL 1.16 ``GRPOTrainer._compute_loss`` computed by grpo-fused (bound to the trainer as a method)."""
     settings: FusedLossSettings = self._grpo_fused
-    present = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
-    if present:
-        raise ValueError(f"grpo_fused's TRL adapter does not forward multimodal inputs ({', '.join(present)})")
+    if settings.config is None:
+        # Options only TRL's loss code states: run it, on the patched head's log-probs.
+        return _TRLGRPOTrainer._compute_loss(self, model, inputs)
     mode = "train" if self.model.training else "eval"
     cfg = settings.config
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -246,24 +333,25 @@ def fused_compute_loss(self, model, inputs):
         num_items = None
         loss_divisor = accumulation
         entropy_coef = cfg.entropy_coef
-    call_cfg = cfg.replace(entropy_coef=entropy_coef, temperature=settings.temperature)
+    call_cfg = cfg.replace(entropy_coef=entropy_coef)
 
-    features, weight, bias = _completion_features(self, model, inputs, settings)
-    # The op computes in fp32 itself; autocast would push the reference's matmul back to bf16.
-    no_autocast = torch.autocast(features.device.type, enabled=False) if features.device.type in ("cuda", "cpu") else nullcontext()
-    with no_autocast:
-        if settings.lm_head == "linear":
-            out = api.linear_grpo_loss(
-                features, weight, completion_ids, advantages, mask, old_logps, ref_logps, bias=bias,
-                config=call_cfg, is_weights=is_weights, num_items_in_batch=num_items,
-                strategy=settings.strategy, backend=settings.backend,
-            )
-        else:
-            out = api.grpo_loss(
-                features, completion_ids, advantages, mask, old_logps, ref_logps,
-                config=call_cfg, is_weights=is_weights, num_items_in_batch=num_items, backend=settings.backend,
-            )
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+        model,
+        torch.cat([prompt_ids, completion_ids], dim=1),
+        torch.cat([prompt_mask, completion_mask], dim=1),
+        completion_ids.size(1),
+        compute_entropy=True,
+        compute_aux_loss=self.aux_loss_enabled,
+        **{key: inputs.get(key) for key in MULTIMODAL_KEYS},
+    )
+    batch = LossBatch(completion_ids, advantages, mask, old_logps, ref_logps, is_weights, num_items)
+    out = grpo_output(logps.float(), entropies.float(), batch, call_cfg.params)
     loss = out.loss / loss_divisor
+    if self.aux_loss_enabled:
+        # TRL scales the router loss for gradient accumulation, as the policy loss.
+        loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
     _log_metrics(self, mode, out, mask, advantages, old_logps, call_cfg)
     return loss
 
@@ -325,22 +413,17 @@ def _nan_extreme(x, kind):
 if _TRLGRPOTrainer is not None:
 
     class FusedGRPOTrainer(_TRLGRPOTrainer):
-        """``trl.GRPOTrainer`` whose loss is computed by grpo-fused.
+        """``trl.GRPOTrainer`` whose log-probs and loss are computed by grpo-fused.
 
         Takes every argument of ``trl.GRPOTrainer`` plus, keyword-only, ``fused_backend``
         (default ``"auto"``), ``fused_strategy`` (``"auto"``) and ``fused_lm_head`` (``"auto"``);
-        see :func:`patch_trainer`. Raises ``ValueError`` at construction for options it cannot
-        reproduce exactly.
+        see :func:`patch_trainer`.
         """
 
         def __init__(self, *args, fused_backend: str = "auto", fused_strategy: str = "auto",
                      fused_lm_head: str = "auto", **kwargs):
-            # Refuse unsupported options before TRL spends time loading models.
-            trl_args = kwargs.get("args", args[2] if len(args) > 2 else None)
-            if trl_args is not None:
-                _check_trl_args(trl_args)
             super().__init__(*args, **kwargs)
-            self._grpo_fused = _settings_for(self, fused_backend, fused_strategy, fused_lm_head)
+            _install(self, fused_backend, fused_strategy, fused_lm_head)
 
         def _compute_loss(self, model, inputs):
             return fused_compute_loss(self, model, inputs)

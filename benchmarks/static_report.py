@@ -1,0 +1,943 @@
+"""Static sm_90a report: what every Triton kernel of the package compiles to on a Hopper GPU,
+and what that predicts, on a machine with no GPU.
+
+How it works. The *public* ops (``grpo_fused.grpo_loss``, ``linear_grpo_loss``,
+``selective_log_softmax``, ``group_advantages`` with ``backend="triton"``) run forward and backward
+on CPU tensors of the DESIGN.md reference shapes (bf16, V = 151936, H = 3584) while
+``JITFunction.run`` is replaced by a recorder: every kernel launch the launchers make is recorded
+with its arguments, constexprs and ``num_warps`` / ``num_stages`` exactly as they were produced,
+and nothing runs. Each distinct launch becomes an ``ASTSource`` compiled by
+``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` (Triton picks ``sm_90a``) with Triton's
+bundled ``ptxas``; the cubin is disassembled with the bundled ``nvdisasm`` and its resources read
+with ``cuobjdump --dump-resource-usage``. Pointers are marked 16-byte divisible when their address
+is, integers when they are multiples of 16, as Triton's own launch would.
+
+The token count of a recorded launch is small (``--record-tokens``, default 16 = a multiple of 16
+like 16384): tokens, H and V reach the kernels only as runtime integers (loop bounds, strides) and
+the grid, so a launch at N = 16 compiles to the same binary as at N = 16384 (the specialization
+key -- dtypes, constexprs, 16-divisibility -- is the same, and the report prints it). The byte and
+FLOP models use the DESIGN N.
+
+Per kernel it reports: registers, spills (ptxas ``-v``), stack, shared memory, CTAs per SM (from
+registers, shared memory and warps, H100 limits), 16-byte global loads / stores (SASS
+``LDG.E.128`` / ``STG.E.128``, and PTX ``ld/st.global.v4``), the innermost loops of the SASS with
+their instruction counts (a loop is the span from a label to a backward branch to it; the count is
+static, NOPs excluded, and for the streaming row kernels normalized to 8 columns per thread by the
+bytes the loop body loads), memory fences (``MEMBAR``), atomics (PTX ``atom`` / ``red`` forms, SASS
+``RED`` / ``ATOM``), ``wgmma`` (SASS ``HGMMA``) and ``mma.sync`` (``HMMA``) use, and the exp lowering
+(``ex2.approx[.ftz].f32``). Per op it gives the byte / FLOP model, the floor time on an H100 SXM
+and a predicted time from the instruction counts (an issue-rate model: 4 warp-instructions per
+clock per SM). Everything predicted is labelled "predicted, not measured on GPU".
+
+Run: ``python -m grpo_fused.benchmarks.static_report`` (JSON under ``benchmarks/results/``,
+a table on stdout); ``bash scripts/bench.sh`` runs it too. The work happens in a child process
+started without ``TRITON_INTERPRET`` (Triton decides interpreted vs compiled when the kernels are
+decorated, at import). :func:`main` is the CLI entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+TARGET = ("cuda", 90, 32)
+CHILD_TIMEOUT_S = 1200
+PREDICTED = "predicted, not measured on GPU"
+
+# DESIGN.md section 5: Qwen2.5-7B head, bf16, N = 16384 (8 x 2048) and 131072 (1 x 128k).
+DESIGN_SHAPES = dict(tokens=16384, tokens_long=131072, seq_len=2048, vocab=151936, hidden=3584,
+                     dtype="bfloat16", rewards=2**20, group_size=8)
+# The benchmark harness draws each sequence's length uniformly in [T/2, T]: 25 % of positions are
+# masked in expectation.
+BENCH_MASKED_FRACTION = 0.25
+RECORD_TOKENS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+    """The H100 SXM figures the predictions use (DESIGN.md's floors; public H100 limits)."""
+
+    name: str = "H100 SXM (sm_90a)"
+    hbm_bytes_per_s: float = 3.35e12
+    gemm_flops_bf16: float = 800e12  # DESIGN.md: measured cuBLAS bf16 rate
+    gemm_flops_fp32_simt: float = 60e12  # fp32 FFMA peak ~67 TFLOP/s; "ieee" tl.dot runs there
+    sms: int = 132
+    clock_hz: Tuple[float, float] = (1.755e9, 1.98e9)  # sustained under load .. max boost
+    issue_per_clk_per_sm: int = 4  # four schedulers, one warp-instruction each per clock
+    l2_bytes: int = 50 * 2**20
+    regs_per_sm: int = 65536
+    reg_alloc_unit_per_warp: int = 256
+    max_regs_per_thread: int = 255
+    smem_per_sm: int = 228 * 1024
+    smem_reserved_per_cta: int = 1024
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+    # Assumed, not measured: throughput of fp32 vector reductions (red.global.add.v4.f32) resolved
+    # in L2 for non-conflicting addresses, in payload bytes per second.
+    l2_reduction_bytes_per_s: Tuple[float, float] = (1.5e12, 3.0e12)
+
+
+H100 = DeviceModel()
+
+
+# ======================================================================================
+# Recording launches.
+# ======================================================================================
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch: the JITFunction and exactly what the launcher passed."""
+
+    fn: Any
+    args: Tuple
+    kwargs: Dict[str, Any]
+    grid: Any
+    scenario: str = ""
+
+
+@contextlib.contextmanager
+def record_launches(scenario: str = ""):
+    """Within the block, every ``@triton.jit`` kernel launch is appended to the yielded list instead
+    of running (launchers reach ``JITFunction.run`` through ``wrap_triton`` and heuristics alike),
+    and the launchers accept CPU tensors with their GPU configuration
+    (:class:`grpo_fused.kernels.common.recording_launches`). Needs a process where Triton was
+    imported without ``TRITON_INTERPRET``."""
+    from triton.runtime.jit import JITFunction
+
+    from grpo_fused import _dispatch
+    from grpo_fused.kernels.common import recording_launches
+
+    if not isinstance(getattr(__import__("grpo_fused.kernels.selective_log_softmax").kernels.selective_log_softmax,
+                              "_selective_log_softmax_fwd_kernel"), JITFunction):
+        raise RuntimeError("the kernels were decorated under TRITON_INTERPRET=1: record in a fresh process")
+    launches: List[Launch] = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid, scenario))
+
+    JITFunction.run = record
+    _dispatch._chosen.clear()  # a backend refused on CPU before is available while recording
+    try:
+        with recording_launches():
+            yield launches
+    finally:
+        JITFunction.run = original
+        _dispatch._chosen.clear()
+
+
+_TORCH_TO_TRITON = {
+    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
+    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1",
+}
+
+
+def ast_source(fn, args, kwargs):
+    """``(ASTSource, options, summary)`` of one recorded launch, typed as a Triton launch types it.
+
+    Tensors are pointers to their dtype (16-byte divisible when their address is), ints are
+    i32 unless they need i64 (divisible by 16 when they are), Python floats fp32, bools i1;
+    constexpr parameters and None arguments are constants. Keyword arguments that are not
+    parameters (num_warps, num_stages, enable_fp_fusion, ...) are compile options.
+    """
+    import torch
+    from triton.compiler import ASTSource
+
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    signature, constexprs, attrs, summary = {}, {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
+    for index, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+            summary[param.name] = repr(value)
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
+            if value.data_ptr() % 16 == 0:
+                attrs[(index,)] = divisible
+            summary[param.name] = signature[param.name] + ("/16" if value.data_ptr() % 16 == 0 else "")
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = divisible
+            summary[param.name] = signature[param.name] + ("/16" if value % 16 == 0 else "")
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {param.name} of unexpected type {type(value).__name__}")
+    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    return ASTSource(fn, signature, constexprs, attrs), options, summary
+
+
+def launch_key(launch: Launch) -> str:
+    """What a compile depends on: kernel, specialization (types, constexprs, divisibility), options."""
+    _, options, summary = ast_source(launch.fn, launch.args, launch.kwargs)
+    return json.dumps([launch.fn.__name__, summary, options], sort_keys=True, default=str)
+
+
+# ======================================================================================
+# Compiling and reading the binary.
+# ======================================================================================
+
+
+def _tool(name: str) -> Optional[str]:
+    """Path of a tool Triton's wheel ships (``ptxas``, ``nvdisasm``, ``cuobjdump``), or None."""
+    try:
+        from triton import knobs
+
+        path = getattr(knobs.nvidia, name).path
+    except Exception:
+        return None
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def toolchain_missing() -> Optional[str]:
+    """Why this machine cannot produce the report (no NVIDIA backend, no ptxas), or None."""
+    try:
+        from triton.backends import backends
+    except ImportError as e:
+        return f"triton is not importable: {e}"
+    if "nvidia" not in backends:
+        return "the installed triton has no NVIDIA backend"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(TARGET[1]).path  # runs `ptxas --version`
+    except Exception as e:
+        return f"the installed triton has no usable ptxas: {type(e).__name__}: {e}"
+    return None
+
+
+@dataclasses.dataclass
+class Compiled:
+    name: str
+    cubin: bytes
+    ptx: str
+    shared: int
+    num_warps: int
+    num_stages: int
+    enable_fp_fusion: bool
+    ptxas_log: str
+    seconds: float
+
+
+def compile_launch(launch: Launch) -> Compiled:
+    """``triton.compile`` of one recorded launch for sm_90a, with ptxas' ``-v`` log captured."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    src, options, _ = ast_source(launch.fn, launch.args, launch.kwargs)
+    start = time.perf_counter()
+    log = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas' -v output when asked to
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget(*TARGET), options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log = saved
+    meta = compiled.metadata
+    return Compiled(launch.fn.__name__, compiled.asm.get("cubin", b""), compiled.asm.get("ptx", ""),
+                    int(meta.shared), int(meta.num_warps), int(meta.num_stages), bool(meta.enable_fp_fusion),
+                    log.getvalue(), time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class Instr:
+    index: int
+    opcode: str  # e.g. "LDG.E.128", without predicate
+    text: str
+    target: Optional[str] = None  # branch target label
+
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+`\((\.L_x_\d+)\)")
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin (bundled ``nvdisasm -c``; ``cuobjdump -sass`` when it is missing)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        nvdisasm = _tool("nvdisasm")
+        if nvdisasm:
+            return subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+        cuobjdump = _tool("cuobjdump")
+        if cuobjdump:
+            return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        raise RuntimeError("neither nvdisasm nor cuobjdump ships with this triton")
+    finally:
+        os.unlink(path)
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """``cuobjdump --dump-resource-usage``: REG, STACK, SHARED, LOCAL of the kernel."""
+    tool = _tool("cuobjdump")
+    if not tool:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    line = next((l for l in out.splitlines() if "REG:" in l), "")
+    return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+
+
+def parse_sass(text: str) -> List[Instr]:
+    instrs: List[Instr] = []
+    pending: List[str] = []
+    labels: Dict[str, int] = {}
+    for line in text.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(instrs)
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        body = m.group(2).strip()
+        body = re.sub(r"^@!?U?P[T\d]+\s+", "", body)
+        opcode = body.split()[0] if body else ""
+        branch = _BRANCH.search(body)
+        instrs.append(Instr(len(instrs), opcode, body, branch.group(1) if branch else None))
+    for ins in instrs:
+        if ins.target is not None:
+            ins.target = str(labels.get(ins.target, -1))
+    return instrs
+
+
+def _global_bytes(opcode: str) -> int:
+    """Bytes one thread moves with a global load / store opcode (LDG.E.128 -> 16)."""
+    for width, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if width in opcode:
+            return size
+    return 4
+
+
+def _summarize(instrs: Sequence[Instr]) -> Dict[str, Any]:
+    ops = [i.opcode for i in instrs if not i.opcode.startswith("NOP")]
+    ldg = [o for o in ops if o.startswith("LDG")]
+    stg = [o for o in ops if o.startswith("STG")]
+    atomics: Dict[str, int] = {}
+    for o in ops:
+        if o.startswith(("RED", "ATOM")) and not o.startswith("ATOMS"):
+            atomics[o] = atomics.get(o, 0) + 1
+    fences: Dict[str, int] = {}
+    for o in ops:
+        if o.startswith(("MEMBAR", "FENCE", "ERRBAR")):
+            fences[o] = fences.get(o, 0) + 1
+    return {
+        "instructions": len(ops),
+        "ldg": len(ldg), "ldg_128": sum(".128" in o for o in ldg), "ldg_bytes": sum(_global_bytes(o) for o in ldg),
+        "stg": len(stg), "stg_128": sum(".128" in o for o in stg), "stg_bytes": sum(_global_bytes(o) for o in stg),
+        "mufu_ex2": sum(o.startswith("MUFU.EX2") for o in ops),
+        "hgmma": sum(o.startswith("HGMMA") for o in ops), "hmma": sum(o.startswith("HMMA") for o in ops),
+        "local": sum(o.startswith(("LDL", "STL")) for o in ops),
+        "bar": sum(o.startswith("BAR") for o in ops),
+        "fences": fences, "atomics": atomics,
+    }
+
+
+def innermost_loops(instrs: Sequence[Instr]) -> List[Tuple[int, int]]:
+    """``(first, last)`` instruction indices of each loop that contains no other loop: a backward
+    branch to a label, the loop being the label's instruction through the branch."""
+    spans = sorted({(int(i.target), i.index) for i in instrs
+                    if i.target is not None and 0 <= int(i.target) <= i.index})
+    return [(a, b) for a, b in spans if not any((c, d) != (a, b) and a <= c and d <= b for c, d in spans)]
+
+
+# Kernels that stream rows of a (rows, V) tensor: the tensor they stream (its element size
+# normalizes their loop to "per 8 columns per thread").
+STREAMED_ARG = {
+    "_selective_log_softmax_fwd_kernel": "logits_ptr",
+    "_selective_log_softmax_bwd_kernel": "logits_ptr",
+    "_grpo_logits_fwd_kernel": "logits_ptr",
+    "_grpo_two_pass_fwd_kernel": "logits_ptr",
+}
+
+
+def occupancy(regs: int, shared: int, num_warps: int, device: DeviceModel = H100) -> Tuple[int, str]:
+    """CTAs per SM and what limits them (registers, shared memory, warps or the CTA cap)."""
+    unit = device.reg_alloc_unit_per_warp
+    regs_per_warp = max(unit, -(-regs * 32 // unit) * unit)
+    by = {
+        "registers": (device.regs_per_sm // regs_per_warp) // num_warps,
+        "shared memory": device.smem_per_sm // (shared + device.smem_reserved_per_cta),
+        "warps": device.max_warps_per_sm // num_warps,
+        "CTA limit": device.max_ctas_per_sm,
+    }
+    limiter = min(by, key=by.get)
+    return by[limiter], limiter
+
+
+def analyze(launch: Launch, compiled: Compiled, device: DeviceModel = H100) -> Dict[str, Any]:
+    """Everything the report says about one compiled kernel."""
+    import torch
+
+    log = compiled.ptxas_log
+    regs = int(m.group(1)) if (m := re.search(r"Used (\d+) registers", log)) else None
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    res = resource_usage(compiled.cubin)
+    if regs is None:
+        regs = res.get("reg")
+    sass = disassemble(compiled.cubin)
+    instrs = parse_sass(sass)
+    ptx = compiled.ptx
+    _, options, summary = ast_source(launch.fn, launch.args, launch.kwargs)
+    ctas, limiter = occupancy(regs or 0, compiled.shared, compiled.num_warps, device)
+
+    loops = []
+    streamed = STREAMED_ARG.get(compiled.name)
+    elem = None
+    if streamed is not None:
+        values = dict(zip(launch.fn.arg_names, launch.args))
+        t = values.get(streamed)
+        elem = t.element_size() if isinstance(t, torch.Tensor) else None
+    for first, last in innermost_loops(instrs):
+        body = _summarize(instrs[first:last + 1])
+        if elem and body["ldg_bytes"]:
+            columns = body["ldg_bytes"] / elem  # columns per thread one pass of the body reads
+            body["columns_per_thread"] = columns
+            body["per_8_columns"] = round(body["instructions"] * 8 / columns, 1)
+        loops.append(body)
+    streaming = None
+    if loops:
+        # The loop that streams: the one reading the most (a zero-fill loop only stores), or the
+        # tensor-core loop of a GEMM kernel.
+        streaming = max(loops, key=lambda b: (b["ldg_bytes"] + 64 * (b["hgmma"] + b["hmma"]), b["stg_bytes"],
+                                               b["instructions"]))
+    whole = _summarize(instrs)
+    ptx_atomics: Dict[str, int] = {}
+    for form in re.findall(r"\b((?:atom|red)\.[\w.]+)", ptx):
+        ptx_atomics[form] = ptx_atomics.get(form, 0) + 1
+    ptx_fences: Dict[str, int] = {}
+    for form in re.findall(r"\b(fence\.[\w.]+|membar\.\w+)", ptx):
+        ptx_fences[form] = ptx_fences.get(form, 0) + 1
+    return {
+        "kernel": compiled.name,
+        "scenario": launch.scenario,
+        "specialization": summary,
+        "options": options,
+        "num_warps": compiled.num_warps,
+        "num_stages": compiled.num_stages,
+        "enable_fp_fusion": compiled.enable_fp_fusion,
+        "registers": regs,
+        "spill_stores": int(spill.group(1)) if spill else None,
+        "spill_loads": int(spill.group(2)) if spill else None,
+        "stack_bytes": int(stack.group(1)) if stack else res.get("stack"),
+        "shared_bytes": compiled.shared,
+        "ctas_per_sm": ctas,
+        "occupancy_limiter": limiter,
+        "sass_instructions": whole["instructions"],
+        "ldg_128": whole["ldg_128"], "stg_128": whole["stg_128"], "ldg": whole["ldg"], "stg": whole["stg"],
+        "ptx_ld_global_v4": len(re.findall(r"ld\.global[\w.]*\.v4\.b32", ptx)),
+        "ptx_st_global_v4": len(re.findall(r"st\.global[\w.]*\.v4\.b32", ptx)),
+        "fences": whole["fences"], "ptx_fences": ptx_fences,
+        "atomics": whole["atomics"], "ptx_atomics": ptx_atomics,
+        "hgmma": whole["hgmma"], "hmma": whole["hmma"], "local_memory_instructions": whole["local"],
+        "ex2": sorted(set(re.findall(r"\bex2\.approx[\w.]*", ptx))),
+        "loops": loops,
+        "streaming_loop": streaming,
+        "compile_seconds": round(compiled.seconds, 2),
+    }
+
+
+# ======================================================================================
+# Scenarios: the public ops at the reference shapes.
+# ======================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    tokens: int = RECORD_TOKENS
+    vocab: int = DESIGN_SHAPES["vocab"]
+    hidden: int = DESIGN_SHAPES["hidden"]
+    dtype: str = DESIGN_SHAPES["dtype"]
+    rewards: int = DESIGN_SHAPES["rewards"]
+    group_size: int = DESIGN_SHAPES["group_size"]
+
+
+def _loss_inputs(torch, shapes: Shapes, B: int, T: int):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(B, T)
+    mask[:, -T // 4:] = 0  # a masked tail, as padded completions have
+    return dict(
+        completion_ids=torch.randint(0, shapes.vocab, (B, T), generator=g),
+        advantages=torch.randn(B, generator=g),
+        completion_mask=mask,
+        old_logps=-torch.rand(B, T, generator=g),
+        ref_logps=-torch.rand(B, T, generator=g),
+    )
+
+
+def _logits(torch, shapes: Shapes, B: int, T: int, dtype=None):
+    # Uninitialized: the kernels do not run, and at V = 151936 filling would cost more than the report.
+    return torch.empty(B, T, shapes.vocab, dtype=getattr(torch, dtype or shapes.dtype)).requires_grad_()
+
+
+def _grpo_loss(config_kwargs, **call):
+    def run(shapes: Shapes):
+        import torch
+
+        import grpo_fused as gf
+
+        B, T = 2, shapes.tokens // 2
+        logits = _logits(torch, shapes, B, T)
+        out = gf.grpo_loss(logits, config=gf.GRPOConfig(**config_kwargs), backend="triton",
+                           **_loss_inputs(torch, shapes, B, T), **call)
+        out.loss.backward()
+
+    return run
+
+
+def _selective_log_softmax(shapes: Shapes):
+    import torch
+
+    import grpo_fused as gf
+
+    logits = _logits(torch, shapes, 1, shapes.tokens)[0]
+    ids = torch.zeros(shapes.tokens, dtype=torch.int64)
+    logps, entropy = gf.selective_log_softmax(logits, ids, compute_entropy=True, backend="triton")
+    (logps.sum() + entropy.sum()).backward()
+
+
+def _linear_grpo_loss(strategy: str, dtype: str):
+    def run(shapes: Shapes):
+        import torch
+
+        import grpo_fused as gf
+
+        B, T = 2, shapes.tokens // 2
+        torch_dtype = getattr(torch, dtype)
+        hidden = torch.empty(B, T, shapes.hidden, dtype=torch_dtype).normal_().requires_grad_()
+        weight = torch.empty(shapes.vocab, shapes.hidden, dtype=torch_dtype).requires_grad_()
+        config = gf.GRPOConfig(loss_type="dapo", beta=0.04)
+        out = gf.linear_grpo_loss(hidden, weight, config=config, strategy=strategy, backend="triton",
+                                  **_loss_inputs(torch, shapes, B, T))
+        out.loss.backward()
+
+    return run
+
+
+def _group_advantages(shapes: Shapes):
+    import torch
+
+    import grpo_fused as gf
+
+    rewards = torch.rand(shapes.rewards)
+    gf.group_advantages(rewards, group_size=shapes.group_size, backend="triton")
+
+
+# name -> (op, description, run)
+SCENARIOS: Dict[str, Tuple[str, str, Callable[[Shapes], None]]] = {
+    "grpo-entropy": ("grpo_loss", "token-level dapo, beta 0.04, entropy on with a bonus (entropy term in backward)",
+                     _grpo_loss(dict(loss_type="dapo", beta=0.04, entropy_coef=0.01))),
+    "grpo-no-entropy": ("grpo_loss", "token-level dapo, beta 0.04, compute_entropy=False",
+                        _grpo_loss(dict(loss_type="dapo", beta=0.04, compute_entropy=False))),
+    "gspo-sequence": ("grpo_loss", "sequence-level (GSPO): the vocab op, then the (B, T) tail",
+                      _grpo_loss(dict(loss_type="grpo", importance_sampling_level="sequence"))),
+    "selective-log-softmax": ("selective_log_softmax", "logps and entropy, both differentiated",
+                              _selective_log_softmax),
+    "linear-tiled-bf16": ("linear_grpo_loss", "strategy tiled, bf16", _linear_grpo_loss("tiled", "bfloat16")),
+    "linear-tiled-fp32": ("linear_grpo_loss", "strategy tiled, fp32", _linear_grpo_loss("tiled", "float32")),
+    "linear-chunked-bf16": ("linear_grpo_loss", "strategy chunked, bf16 (cuBLAS GEMMs + row kernels on fp32 logits)",
+                            _linear_grpo_loss("chunked", "bfloat16")),
+    "group-advantages": ("group_advantages", "2^20 rewards, groups of 8", _group_advantages),
+}
+
+
+# ======================================================================================
+# Models: bytes and FLOPs of each op, floor and predicted time.
+# ======================================================================================
+
+
+def issue_bytes_per_s(instr_per_8: float, bytes_per_column: float, clock_hz: float, device: DeviceModel = H100) -> float:
+    """Bytes per second a streaming loop can move when instruction issue is the limit: each
+    warp-instruction covers 32 threads x 8 columns / ``instr_per_8`` columns, an SM issues
+    ``issue_per_clk_per_sm`` warp-instructions a clock."""
+    columns_per_clk = device.issue_per_clk_per_sm * 32 * 8 / instr_per_8
+    return columns_per_clk * bytes_per_column * device.sms * clock_hz
+
+
+def _stream_time(bytes_moved: float, columns: float, instr_per_8: Optional[float], bytes_per_column: float,
+                 device: DeviceModel) -> Tuple[float, float]:
+    """(seconds at the HBM floor, predicted seconds [slow clock]) of one streaming pass."""
+    floor = bytes_moved / device.hbm_bytes_per_s
+    if not instr_per_8:
+        return floor, floor
+    issue = columns * bytes_per_column / issue_bytes_per_s(instr_per_8, bytes_per_column, device.clock_hz[0], device)
+    return floor, max(floor, issue)
+
+
+def logits_path_model(N: int, V: int, elem: int, fwd_per8: Optional[float], bwd_per8: Optional[float],
+                      masked_fraction: float, skip_masked_forward: bool, device: DeviceModel = H100) -> Dict[str, Any]:
+    """Bytes and time of the logits path fwd+bwd.
+
+    Forward reads every row (masked rows too unless the forward skips them); backward reads the
+    rows with a nonzero incoming gradient (masked rows have none) and writes every row (zeros for
+    the rest). DESIGN.md's floor is 3 x N x V x e bytes (every row read twice, written once).
+    """
+    nv = N * V
+    active = 1.0 - masked_fraction
+    fwd_rows = active if skip_masked_forward else 1.0
+    fwd_bytes = fwd_rows * nv * elem
+    bwd_read = active * nv * elem
+    bwd_write = nv * elem
+    f_floor, f_pred = _stream_time(fwd_bytes, fwd_rows * nv, fwd_per8, elem, device)
+    # Backward: an active column is read and written (2e bytes); a masked row is a zero store only.
+    b_floor, b_pred = _stream_time(bwd_read + bwd_write, active * nv, bwd_per8, 2 * elem, device)
+    b_pred = max(b_pred, b_floor)
+    design_floor = 3 * nv * elem / device.hbm_bytes_per_s
+    return {
+        "bytes": {"forward": fwd_bytes, "backward_read": bwd_read, "backward_write": bwd_write,
+                  "total": fwd_bytes + bwd_read + bwd_write, "design_floor": 3 * nv * elem},
+        "ms": {"design_floor": design_floor * 1e3, "floor_of_this_byte_model": (f_floor + b_floor) * 1e3,
+               "predicted": (f_pred + b_pred) * 1e3},
+        "predicted_pct_of_design_floor": 100 * design_floor / (f_pred + b_pred),
+    }
+
+
+def two_pass_model(N: int, V: int, elem: int, per8: Optional[float], masked_fraction: float,
+                   resident_rows: int, device: DeviceModel = H100) -> Dict[str, Any]:
+    """The opt-in two-pass path: one program reads its row (statistics), then sweeps it again to
+    write the gradient in place, while the row is still in L2; bytes 1 read + 1 write of N x V."""
+    nv = N * V
+    active = 1.0 - masked_fraction
+    total = active * nv * elem + nv * elem
+    seconds = total / device.hbm_bytes_per_s
+    if per8:
+        # Two sweeps' worth of instructions (statistics + gradient) over the active columns.
+        issue = active * nv * elem * 2 / issue_bytes_per_s(per8, elem, device.clock_hz[0], device)
+        seconds = max(seconds, issue)
+    resident = resident_rows * V * elem
+    return {
+        "bytes": {"read": active * nv * elem, "write": nv * elem, "total": total},
+        "ms": {"floor": total / device.hbm_bytes_per_s * 1e3, "predicted": seconds * 1e3,
+               "design_floor": 3 * nv * elem / device.hbm_bytes_per_s * 1e3},
+        "l2_check": {"resident_rows": resident_rows, "row_bytes": V * elem, "resident_bytes": resident,
+                     "l2_bytes": device.l2_bytes, "fits": resident <= device.l2_bytes / 2},
+    }
+
+
+def linear_model(N: int, V: int, H: int, elem: int, tiled_blocks: Optional[Tuple[int, int]],
+                 device: DeviceModel = H100) -> Dict[str, Any]:
+    """FLOPs and bytes of the fused linear path, both strategies, at ``N`` tokens.
+
+    chunked: forward 1 GEMM, backward 2 recomputing GEMMs + 2 gradient GEMMs (the dweight pass
+    over vocab slices recomputes its logits: no fp32 (V, H) accumulator); logits are fp32 in HBM
+    (written by the GEMM, read by the row kernel, which writes bf16 dlogits the gradient GEMM
+    reads): 8 bytes a logit in forward, 12 per backward pass.
+    tiled: 1 GEMM forward, 3 backward (recompute, dlogits @ W, dlogits.T @ x) on chip; the two
+    gradients are reduced in L2 with fp32 atomics: (N / BLOCK_N) x V x H x 4 bytes into dweight
+    and (V / BLOCK_V) x N x H x 4 into dhidden.
+    """
+    nvh = N * V * H
+    nv = N * V
+    gemm = device.gemm_flops_bf16 if elem == 2 else device.gemm_flops_fp32_simt
+    chunked_flops = 10 * nvh
+    chunked_bytes = (8 + 2 * 12) * nv
+    chunked_s = chunked_flops / gemm + chunked_bytes / device.hbm_bytes_per_s
+    out = {
+        "chunked": {"flops": chunked_flops, "logit_bytes": chunked_bytes,
+                    "ms": {"gemm_floor": chunked_flops / gemm * 1e3,
+                           "predicted": chunked_s * 1e3}},
+        "eager_gemm_floor_ms": 6 * nvh / gemm * 1e3,
+        "design_floor_ms": 8 * nvh / device.gemm_flops_bf16 * 1e3,
+    }
+    if tiled_blocks:
+        block_n, block_v = tiled_blocks
+        atomic = (N / block_n) * V * H * 4 + (V / block_v) * N * H * 4
+        flops = 8 * nvh
+        slow, fast = device.l2_reduction_bytes_per_s
+        out["tiled"] = {"flops": flops, "atomic_bytes": atomic, "block_n": block_n, "block_v": block_v,
+                        "ms": {"gemm_floor": flops / gemm * 1e3,
+                               "atomics_alone": [atomic / fast * 1e3, atomic / slow * 1e3],
+                               # GEMM work at the floor plus the reductions (they share L2 and SMs).
+                               "predicted": [(flops / gemm + atomic / fast) * 1e3,
+                                             (flops / gemm + atomic / slow) * 1e3]}}
+        out["winner"] = "chunked" if chunked_s * 1e3 < out["tiled"]["ms"]["predicted"][0] else "tiled"
+    return out
+
+
+# ======================================================================================
+# Running it.
+# ======================================================================================
+
+
+def collect(scenarios: Sequence[str], shapes: Shapes, progress=print) -> Dict[str, Any]:
+    """Record the scenarios' launches, compile each distinct one, analyze it (this process must
+    have imported Triton without ``TRITON_INTERPRET``)."""
+    import torch
+
+    os.environ["GRPO_FUSED_CHECK_IDS"] = os.environ.get("GRPO_FUSED_CHECK_IDS", "1")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    launches: List[Launch] = []
+    errors = []
+    for name in scenarios:
+        op, _, run = SCENARIOS[name]
+        start = time.perf_counter()
+        try:
+            with record_launches(name) as recorded:
+                run(shapes)
+        except Exception as e:  # a launcher that fails is reported, the rest goes on
+            errors.append({"scenario": name, "error": f"{type(e).__name__}: {e}"})
+            continue
+        if not recorded:
+            errors.append({"scenario": name, "error": "no kernel launched"})
+        launches.extend(recorded)
+        progress(f"{name}: {len(recorded)} launches recorded in {time.perf_counter() - start:.1f} s")
+    seen: Dict[str, Dict[str, Any]] = {}
+    kernels = []
+    for launch in launches:
+        key = launch_key(launch)
+        if key in seen:
+            seen[key]["scenarios"].append(launch.scenario)
+            continue
+        try:
+            row = analyze(launch, compile_launch(launch))
+        except Exception as e:
+            row = {"kernel": launch.fn.__name__, "scenario": launch.scenario, "error": f"{type(e).__name__}: {e}"[-4000:]}
+        row["scenarios"] = [launch.scenario]
+        row["grid_recorded"] = list(launch.grid) if isinstance(launch.grid, tuple) else repr(launch.grid)
+        seen[key] = row
+        kernels.append(row)
+        progress(f"  {row['kernel']}: " + (row.get("error") or
+                 f"{row['registers']} regs, {row['spill_stores']}/{row['spill_loads']} B spilled, "
+                 f"loop {(row['streaming_loop'] or {}).get('per_8_columns', (row['streaming_loop'] or {}).get('instructions'))}"))
+    return {"kernels": kernels, "errors": errors}
+
+
+def _find(kernels, name, **spec) -> Optional[Dict[str, Any]]:
+    for k in kernels:
+        if k.get("kernel") == name and all(k.get("specialization", {}).get(a) == v for a, v in spec.items()):
+            return k
+    return None
+
+
+def _per8(k) -> Optional[float]:
+    loop = (k or {}).get("streaming_loop") or {}
+    return loop.get("per_8_columns")
+
+
+def models(kernels: List[Dict[str, Any]], masked_fraction: float = BENCH_MASKED_FRACTION,
+           device: DeviceModel = H100) -> Dict[str, Any]:
+    """The op models at the DESIGN shapes, fed with the compiled kernels' loop counts."""
+    N, NL, V, H = (DESIGN_SHAPES[k] for k in ("tokens", "tokens_long", "vocab", "hidden"))
+    elem = 2
+    fwd = _find(kernels, "_grpo_logits_fwd_kernel", COMPUTE_ENTROPY="True")
+    fwd_plain = _find(kernels, "_grpo_logits_fwd_kernel", COMPUTE_ENTROPY="False")
+    bwd = _find(kernels, "_selective_log_softmax_bwd_kernel", HAS_DENTROPY="True", logits_ptr="*bf16/16")
+    bwd_plain = _find(kernels, "_selective_log_softmax_bwd_kernel", HAS_DENTROPY="False", logits_ptr="*bf16/16")
+    out: Dict[str, Any] = {"assumptions": dataclasses.asdict(device) | {"masked_fraction": masked_fraction,
+                                                                        "label": PREDICTED}}
+    for label, f, b in (("entropy", fwd, bwd), ("no_entropy", fwd_plain, bwd_plain)):
+        for n_label, n in (("N16k", N), ("N128k", NL)):
+            for skip in (False, True):
+                key = f"grpo_loss/{label}/{n_label}/" + ("skip_masked_forward" if skip else "default")
+                out[key] = logits_path_model(n, V, elem, _per8(f), _per8(b), masked_fraction, skip, device)
+    two = _find(kernels, "_grpo_two_pass_fwd_kernel")
+    if two is not None:
+        resident = device.sms * (two.get("ctas_per_sm") or 1)
+        out["grpo_loss/two_pass/N16k"] = two_pass_model(N, V, elem, _per8(two), masked_fraction, resident, device)
+    tiled_bwd = _find(kernels, "_linear_lse_bwd_kernel", hidden="*bf16/16")
+    blocks = None
+    if tiled_bwd is not None:
+        spec = tiled_bwd["specialization"]
+        blocks = (int(spec["BLOCK_N"]), int(spec["BLOCK_V"]))
+    for n_label, n in (("N16k", N), ("N128k", NL)):
+        out[f"linear_grpo_loss/{n_label}"] = linear_model(n, V, H, elem, blocks, device)
+    B = DESIGN_SHAPES["rewards"]
+    adv_bytes = B * (4 + 4 + 4 + 8)  # rewards in; advantages, combined rewards, group index out
+    out["group_advantages/1M"] = {"bytes": adv_bytes, "ms": {"floor": adv_bytes / device.hbm_bytes_per_s * 1e3}}
+    return out
+
+
+def _git_revision() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+def build_report(scenarios: Sequence[str], shapes: Shapes, masked_fraction: float, progress=print) -> Dict[str, Any]:
+    import torch
+    import triton
+
+    collected = collect(scenarios, shapes, progress)
+    ptxas = None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(TARGET[1]).version
+    except Exception:
+        pass
+    return {
+        "kind": "static-sm90a",
+        "label": PREDICTED,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git": _git_revision(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "ptxas": ptxas},
+        "target": "sm_90a",
+        "design_shapes": DESIGN_SHAPES,
+        "recorded_tokens": shapes.tokens,
+        "scenarios": {name: {"op": SCENARIOS[name][0], "description": SCENARIOS[name][1]} for name in scenarios},
+        "kernels": collected["kernels"],
+        "errors": collected["errors"],
+        "models": models(collected["kernels"], masked_fraction),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_counts(d: Dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(d.items())) or "none"
+
+
+def kernel_table(report: Dict[str, Any]) -> str:
+    rows = ["| kernel | specialization | regs | spills (st/ld B) | smem | CTAs/SM | 16-B ld/st (loop) "
+            "| loop SASS | per 8 cols | fences | atomics | wgmma |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    for k in report["kernels"]:
+        if "error" in k:
+            rows.append(f"| {k['kernel']} | {k['scenario']} | compile error | | | | | | | | | |")
+            continue
+        spec = k["specialization"]
+        flags = [f"{a}={v}" for a, v in spec.items() if a.isupper() and v in ("True",)]
+        dtype = next((v for a, v in spec.items() if a in ("logits_ptr", "hidden", "rewards")), "")
+        loop = k["streaming_loop"] or {}
+        rows.append("| {} | {} | {} | {}/{} | {} | {} ({}) | {}/{} | {} | {} | {} | {} | {} |".format(
+            k["kernel"].strip("_"), " ".join([dtype] + flags), k["registers"], k["spill_stores"], k["spill_loads"],
+            k["shared_bytes"], k["ctas_per_sm"], k["occupancy_limiter"], loop.get("ldg_128", 0),
+            loop.get("stg_128", 0), loop.get("instructions", ""), loop.get("per_8_columns", ""),
+            _fmt_counts(loop.get("fences", {})), _fmt_counts(k["atomics"]), k["hgmma"]))
+    return "\n".join(rows)
+
+
+def model_table(report: Dict[str, Any]) -> str:
+    m = report["models"]
+    rows = [f"| op (N = 16384, V = 151936, H = 3584, bf16) | bytes / FLOPs | floor | {PREDICTED} |",
+            "|---|---:|---:|---:|"]
+    for label in ("entropy", "no_entropy"):
+        for mode in ("default", "skip_masked_forward"):
+            x = m.get(f"grpo_loss/{label}/N16k/{mode}")
+            if x:
+                rows.append(f"| grpo_loss fwd+bwd, {label.replace('_', ' ')}, {mode.replace('_', ' ')} | "
+                            f"{x['bytes']['total'] / 1e9:.2f} GB | {x['ms']['floor_of_this_byte_model']:.2f} ms "
+                            f"(DESIGN floor {x['ms']['design_floor']:.2f} ms) | {x['ms']['predicted']:.2f} ms |")
+    x = m.get("grpo_loss/two_pass/N16k")
+    if x:
+        rows.append(f"| grpo_loss two-pass (opt-in) | {x['bytes']['total'] / 1e9:.2f} GB | {x['ms']['floor']:.2f} ms | "
+                    f"{x['ms']['predicted']:.2f} ms |")
+    x = m.get("linear_grpo_loss/N16k")
+    if x:
+        c = x["chunked"]
+        rows.append(f"| linear_grpo_loss chunked | {c['flops'] / 1e12:.0f} TFLOP + {c['logit_bytes'] / 1e9:.0f} GB | "
+                    f"{c['ms']['gemm_floor']:.0f} ms | {c['ms']['predicted']:.0f} ms |")
+        if "tiled" in x:
+            t = x["tiled"]
+            rows.append(f"| linear_grpo_loss tiled | {t['flops'] / 1e12:.0f} TFLOP + {t['atomic_bytes'] / 1e9:.0f} GB "
+                        f"of L2 reductions | {t['ms']['gemm_floor']:.0f} ms | "
+                        f"{t['ms']['predicted'][0]:.0f}-{t['ms']['predicted'][1]:.0f} ms |")
+    return "\n".join(rows)
+
+
+def render(report: Dict[str, Any]) -> str:
+    return (f"Static sm_90a report ({report['versions']}, git {report['git']}, {report['date']}); "
+            f"every time below is {PREDICTED}.\n\n" + kernel_table(report) + "\n\n" + model_table(report) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------------------------
+
+
+def _child(args) -> int:
+    report = build_report(args.scenarios, Shapes(tokens=args.record_tokens), args.masked_fraction,
+                          progress=lambda s: print(s, file=sys.stderr, flush=True))
+    with open(args.child_out, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+def run_child(scenarios: Sequence[str], record_tokens: int = RECORD_TOKENS,
+              masked_fraction: float = BENCH_MASKED_FRACTION, timeout: float = CHILD_TIMEOUT_S,
+              quiet: bool = False) -> Dict[str, Any]:
+    """The report of ``scenarios``, built in a fresh process without ``TRITON_INTERPRET`` and with a
+    cold Triton cache (every kernel really compiles, and ptxas' log is there to read)."""
+    with tempfile.TemporaryDirectory(prefix="grpo-fused-static-") as work:
+        out = os.path.join(work, "report.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = os.path.join(work, "triton-cache")
+        cmd = [sys.executable, "-m", "grpo_fused.benchmarks.static_report", "--child-out", out,
+               "--record-tokens", str(record_tokens), "--masked-fraction", str(masked_fraction),
+               "--scenarios", *scenarios]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if not quiet and proc.stderr:
+            print(proc.stderr, file=sys.stderr, end="")
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"static report child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-8000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--record-tokens", type=int, default=RECORD_TOKENS,
+                        help="tokens of the recorded launches (a runtime int to the kernels; the models use N = 16384)")
+    parser.add_argument("--masked-fraction", type=float, default=BENCH_MASKED_FRACTION,
+                        help="fraction of masked positions in the byte models (the bench's mask: 0.25)")
+    parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the JSON goes")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_out:
+        return _child(args)
+    missing = toolchain_missing()
+    if missing:
+        print(f"static report: skipped ({missing})", file=sys.stderr)
+        return 0
+    report = run_child(args.scenarios, args.record_tokens, args.masked_fraction)
+    print(render(report))
+    if not args.no_save:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stamp = report["date"].replace("-", "").replace(":", "")
+        path = os.path.join(args.out_dir, f"static-sm90a-{stamp}.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {path}")
+    return 1 if report["errors"] or any("error" in k for k in report["kernels"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
