@@ -385,3 +385,43 @@ def test_bf16_run_matches_trl_within_trl_own_head_precision(precision, model_dir
             bound = 2 * abs(control[key] - theirs[key]) + 1e-6 * max(1.0, abs(theirs[key]))
             assert abs(mine[key] - theirs[key]) <= bound, f"step {step} {key}: {mine[key]} vs TRL {theirs[key]} " \
                                                           f"(TRL with an fp32 head: {control[key]})"
+
+
+def test_peft_lora_with_the_head_in_modules_to_save(model_dir, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is part of the test extra")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                           modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    tokenizer = build_char_tokenizer("abc=")
+    trainer = TwinTrainer(
+        model=model_dir, reward_funcs=_reward, args=_args(tmp_path, loss_type="dapo", beta=0.04),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+        peft_config=lora, fused_backend=FUSED_BACKEND,
+    )
+    assert trainer._grpo_fused.lm_head == "grpo_fused"
+    trainer.train()
+    _assert_twin_equal(trainer)
+
+
+@pytest.mark.parametrize("shape", ["token", "sequence"])
+def test_vllm_importance_sampling_modes(shape, model_dir, tmp_path):
+    # TRL's token_* modes hand the loss a (B, T) ratio, its sequence_* modes a (B, 1) one (truncated or
+    # masked to 0 by TRL before the loss): both multiply the policy term.
+    trainer = gf_trl.FusedGRPOTrainer(
+        model=model_dir, reward_funcs=_reward, args=_args(tmp_path, loss_type="grpo", beta=0.04, max_steps=1),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=build_char_tokenizer("abc="), fused_backend=FUSED_BACKEND,
+    )
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    B, T = inputs["completion_ids"].shape
+    g = torch.Generator().manual_seed(1)
+    ratio = torch.rand((B, T) if shape == "token" else (B, 1), generator=g) + 0.5
+    ratio[0] = 0.0  # a sequence_mask / token_mask mode dropped it
+    inputs["importance_sampling_ratio"] = ratio
+    trainer.use_vllm = True
+    trainer.vllm_importance_sampling_correction = True
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()
+    with gf_trl.using_trl_head(trainer):
+        trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    fused_loss = gf_trl.fused_compute_loss(trainer, trainer.model, inputs)
+    torch.testing.assert_close(fused_loss, trl_loss, rtol=2e-5, atol=1e-6)

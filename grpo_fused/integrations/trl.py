@@ -153,7 +153,10 @@ def _resolve_lm_head(model, lm_head: str) -> tuple:
     softcap = getattr(text_config, "final_logit_softcapping", None)
     scale = _logit_scale(text_config)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    exact = softcap is None and scale > 0 and isinstance(head, torch.nn.Linear)
+    # PEFT's modules_to_save wraps the head; its weight / bias resolve to the active copy (the
+    # original one with the adapters disabled, as for the reference pass).
+    plain = isinstance(head, torch.nn.Linear) or isinstance(getattr(head, "original_module", None), torch.nn.Linear)
+    exact = softcap is None and scale > 0 and plain
     if lm_head == "grpo_fused" and not exact:
         why = (f"final_logit_softcapping={softcap}" if softcap is not None
                else f"logit_scale={scale}" if scale <= 0 else f"the output embedding is a {type(head).__name__}")
