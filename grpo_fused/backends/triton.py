@@ -8,7 +8,8 @@ with the semantics layer's :func:`token_metrics`.
 * Token-level losses from logits run the fused epilogue kernel (:mod:`grpo_fused.kernels.grpo_logits`):
   one pass over the vocabulary, the reduction a plain sum of per-token contributions.
 * Sequence-level losses (GSPO's sequence ratio, GMPO's geometric mean) need every token of a
-  sequence before the surrogate can be evaluated: they run the vocab op, then the ``(B, T)`` tail
+  sequence before the surrogate can be evaluated, and the table's tail-only rows
+  (``fused_epilogue=False``) have no epilogue in the kernel: they run the vocab op, then the ``(B, T)`` tail
   :func:`grpo_fused.semantics.grpo_output` (never re-reading the logits), differentiated by
   autograd down to the per-token ``dlogp`` / ``dH`` the one backward kernel consumes.
 * The linear path runs a strategy's vocab pass (``chunked``: GEMMs on token chunks + the row
@@ -118,7 +119,9 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
         check_inplace_backward(logits)
     spec = params.spec
     values = params.values_on(logits.device)
-    if spec.sequence_level:
+    if spec.sequence_level or not spec.loss_type.fused_epilogue:
+        # The fused epilogue cannot evaluate a sequence-level ratio or a surrogate it does not
+        # implement (the table's fused_epilogue=False rows): vocab pass, then the (B, T) tail.
         row_mask = None
         if SKIP_MASKED_ROWS and batch.completion_mask is not None:
             row_mask = batch.completion_mask != 0
