@@ -12,7 +12,8 @@ by sorted label, as the reference's ``torch.unique`` numbers them.
 
 One program owns ``BLOCK_G`` consecutive groups and walks their members in ``(BLOCK_G, BLOCK_S)``
 tiles: pass 1 sums and counts the valid rewards (mean), pass 2 sums the squared deviations from
-that mean (two-pass variance, no ``E[x^2] - E[x]^2`` cancellation), pass 3 writes the
+that mean (two-pass variance, no ``E[x^2] - E[x]^2`` cancellation; summed relative to the group's
+largest deviation, so rewards near 1e30 do not overflow fp32), pass 3 writes the
 advantages, the combined rewards and the group index. When every group fits one tile
 (``group_size <= BLOCK_S``) the tile is loaded once and the three passes run in registers;
 otherwise passes re-read the group (from L2 on a GPU). Statistics are fp32 (fp64 for fp64
@@ -33,8 +34,8 @@ except where noted):
   ``unique_consecutive`` (one host sync, to learn G), a cumsum for the offsets: O(B log B);
 * ``group_offsets``: a cast to contiguous int64 (O(G));
 * ``scale="batch"``: the batch std needs every group first, so the kernel writes the unscaled
-  ``r - mean_g`` and per-program Chan partials ``(count, mean, M2)``; torch merges the ``P``
-  partials into the batch std (O(P)) and divides the advantages by ``std_batch + eps``, zeroing
+  ``r - mean_g`` and per-program Chan partials ``(count, mean, sqrt(M2))``; torch merges the ``P``
+  partials into the batch std (O(P), float64) and divides the advantages by ``std_batch + eps``, zeroing
   non-finite results (three O(B) elementwise ops).
 """
 
@@ -61,7 +62,7 @@ MAX_BLOCK_S = 1024
 # Variable-size groups get at least this many members per tile row, so a few large groups
 # among many small ones do not walk in tiny steps.
 MIN_BLOCK_S_VARIABLE = 16
-# Columns of the per-program partials: valid count, mean, M2 (Chan), number of zero-std groups.
+# Columns of the per-program partials: valid count, mean, sqrt(M2) (Chan), number of zero-std groups.
 N_PARTIALS = 4
 
 # The reference's zero-std threshold (GroupStats.zero_std).
@@ -169,7 +170,9 @@ def _group_advantages_kernel(
         group_count = tl.sum(valid.to(ACC), axis=1)
         group_mean = tl.where(group_count > 0, _div(group_sum, tl.maximum(group_count, 1.0), ACC), float("nan"))
         dev = tl.where(valid, r - group_mean[:, None], 0.0)
-        group_m2 = tl.sum(dev * dev, axis=1)
+        group_spread = tl.max(tl.abs(dev), axis=1)
+        scaled = _div(dev, tl.where(group_spread > 0, group_spread, 1.0)[:, None], ACC)
+        group_m2s = tl.sum(scaled * scaled, axis=1)
     else:
         max_size = tl.max(sizes, axis=0).to(tl.int32)
         group_sum = tl.zeros((BLOCK_G,), dtype=ACC)
@@ -183,7 +186,8 @@ def _group_advantages_kernel(
             group_sum += tl.sum(tl.where(valid, r, 0.0), axis=1)
             group_count += tl.sum(valid.to(ACC), axis=1)
         group_mean = tl.where(group_count > 0, _div(group_sum, tl.maximum(group_count, 1.0), ACC), float("nan"))
-        group_m2 = tl.zeros((BLOCK_G,), dtype=ACC)
+        group_spread = tl.zeros((BLOCK_G,), dtype=ACC)
+        group_m2s = tl.zeros((BLOCK_G,), dtype=ACC)
         for s0 in range(0, max_size, BLOCK_S):
             rows, in_group = _member_rows(s0, starts, sizes, perm, BLOCK_S, HAS_PERM)
             r, valid = _combined_rewards(
@@ -191,9 +195,17 @@ def _group_advantages_kernel(
                 stride_rb, stride_rk, stride_w, stride_keep, ACC, HAS_WEIGHTS, HAS_KEEP, BLOCK_G, BLOCK_S,
             )
             dev = tl.where(valid, r - group_mean[:, None], 0.0)
-            group_m2 += tl.sum(dev * dev, axis=1)
+            # The sum of squares relative to the largest |deviation| so far, rescaled when it grows.
+            spread = tl.maximum(group_spread, tl.max(tl.abs(dev), axis=1))
+            spread_safe = tl.where(spread > 0, spread, 1.0)
+            old = _div(group_spread, spread_safe, ACC)
+            scaled = _div(dev, spread_safe[:, None], ACC)
+            group_m2s = group_m2s * old * old + tl.sum(scaled * scaled, axis=1)
+            group_spread = spread
 
-    group_std = _sqrt(_div(group_m2, tl.maximum(group_count - ddof, 1.0), ACC), ACC)
+    # M2 = spread**2 * m2s: squares of deviations near 1e30 would overflow fp32, their ratios do not.
+    group_spread_safe = tl.where(group_spread > 0, group_spread, 1.0)
+    group_std = group_spread_safe * _sqrt(_div(group_m2s, tl.maximum(group_count - ddof, 1.0), ACC), ACC)
     group_std = tl.where(group_count > ddof, group_std, float("nan"))
     # NaN std counts as zero std (the reference's ~(std > 1e-8)).
     zero_std = (group_count < 2) | (group_std <= ZERO_STD_THRESHOLD) | (group_std != group_std)
@@ -231,13 +243,21 @@ def _group_advantages_kernel(
             tl.store(group_index + rows, groups[:, None] + tl.zeros_like(rows), mask=in_group)
 
     # Per-program partials: zero-std groups (for frac_zero_std) and, for the batch scale, Chan's
-    # (count, mean, M2) of this program's valid rewards, merged on the host.
+    # (count, mean, sqrt(M2)) of this program's valid rewards, merged on the host in float64.
     zero_std_groups = tl.sum(tl.where(group_live & zero_std, 1.0, 0.0).to(ACC), axis=0)
     if SCALE == SCALE_BATCH:
         n_prog = tl.sum(group_count, axis=0)
         mean_prog = _div(tl.sum(group_sum, axis=0), tl.maximum(n_prog, 1.0), ACC)
-        spread = group_mean - mean_prog
-        m2_prog = tl.sum(tl.where(group_count > 0, group_m2 + group_count * spread * spread, 0.0), axis=0)
+        # sqrt(M2_prog) = sqrt(sum_g a_g**2 + b_g**2), a_g = sqrt(M2_g), b_g = |mean_g - mean| sqrt(n_g),
+        # summed relative to the largest term (no square overflows).
+        live = group_count > 0
+        a = tl.where(live, group_spread_safe * _sqrt(group_m2s, ACC), 0.0)
+        b = tl.where(live, tl.abs(group_mean - mean_prog) * _sqrt(group_count, ACC), 0.0)
+        top = tl.max(tl.maximum(a, b), axis=0)
+        top = tl.where(top > 0, top, 1.0)
+        a = _div(a, top, ACC)
+        b = _div(b, top, ACC)
+        m2_prog = top * _sqrt(tl.sum(a * a + b * b, axis=0), ACC)
     else:
         n_prog = tl.sum(tl.zeros((BLOCK_G,), dtype=ACC), axis=0)
         mean_prog = n_prog
@@ -363,12 +383,14 @@ def _segments(
 
 
 def _merge_batch_std(partials: Tensor, ddof: int) -> Tensor:
-    """0-dim std of all valid rewards from per-program Chan partials ``(P, 4)`` (O(P) torch ops)."""
-    count, mean, m2 = partials[:, 0], partials[:, 1], partials[:, 2]
+    """0-dim std of all valid rewards from per-program Chan partials ``(P, 4)`` (count, mean,
+    sqrt(M2)): O(P) torch ops in float64, where squares of fp32-sized deviations cannot overflow."""
+    wide = partials.double()
+    count, mean, root_m2 = wide[:, 0], wide[:, 1], wide[:, 2]
     total = count.sum()
     batch_mean = (count * mean).sum() / total
-    batch_m2 = (m2 + count * (mean - batch_mean) ** 2).sum()
-    return torch.sqrt(batch_m2 / (total - ddof))
+    batch_m2 = (root_m2 * root_m2 + count * (mean - batch_mean) ** 2).sum()
+    return torch.sqrt(batch_m2 / (total - ddof)).to(partials.dtype)
 
 
 def group_advantages(rewards: Tensor, request: AdvantageRequest) -> Tuple[Tensor, GroupStats]:
