@@ -8,8 +8,9 @@ reduces them to ``(logp, lse, entropy)`` and the chunk is freed.
 
 Backward, two passes that each recompute logits from the saved ``lse`` (and entropy):
 
-* ``dhidden``, over token chunks: a chunk's ``(C, V)`` logits become ``dlogits`` in place
-  (the row kernel's backward launcher), then ``dhidden[chunk] = dlogits @ W``.
+* ``dhidden``, over token chunks: the row kernel's backward reads a chunk's fp32 ``(C, V)``
+  logits and writes their gradient in the GEMM's dtype (bf16 for bf16 weights: no cast pass;
+  in place for fp32), then ``dhidden[chunk] = dlogits @ W``.
 * ``dweight`` and ``dbias``, over vocab slices: a slice's ``(N, Vs)`` logits become its
   ``dlogits`` the same way (the softmax of a column needs only its row's ``lse``), then
   ``dweight[slice] = dlogits.T @ hidden``: one GEMM whose fp32 accumulation runs over all
@@ -136,13 +137,18 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
     if dlogps is None:
         dlogps = torch.zeros(N, dtype=lse.dtype, device=hidden.device)
 
+    # The gradient GEMMs take dlogits in the operand dtype. For bf16 / fp16 operands the row kernel
+    # reads the fp32 logits and writes the bf16 dlogits in the same pass (4 + 2 bytes a logit, no
+    # cast pass reading 4 and writing 2 more); for fp32 / fp64 the logits' buffer becomes their
+    # gradient in place.
+    in_place = hidden.dtype in (torch.float32, torch.float64)
+
     def dlogits_of(logits, rows, target):
-        # In place: the logits' buffer becomes their gradient.
         return logits_bwd(
             logits, target, lse[rows], dlogps[rows],
             None if dentropy is None else dentropy[rows],
             None if dentropy is None else entropy[rows],
-            params, out=logits,
+            params, out=logits if in_place else None, grad_dtype=None if in_place else weight.dtype,
         )
 
     dhidden = None
@@ -151,9 +157,10 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
         chunk = chunk_size or chunk_rows(N, V, per_logit)
         for start in range(0, N, chunk):
             rows = slice(start, min(start + chunk, N))
-            dlogits = dlogits_of(_logits(hidden[rows], weight, bias), rows, ids[rows])
-            # Tensor-core GEMMs want both operands in the operand dtype.
-            torch.mm(dlogits.to(weight.dtype), weight, out=dhidden[rows])
+            logits = _logits(hidden[rows], weight, bias)
+            dlogits = dlogits_of(logits, rows, ids[rows])
+            del logits
+            torch.mm(dlogits, weight, out=dhidden[rows])
             del dlogits
 
     dweight = dbias = None
@@ -167,12 +174,13 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
             # Ids shifted into the slice: a token whose id lies outside it has no target column
             # here. The row kernel's backward only compares ids with column indices, never loads
             # at them, so out-of-slice ids are safe (the chunked tests with vocab_slice cover it).
-            dlogits = dlogits_of(_logits(hidden, weight[cols], None if bias is None else bias[cols]),
-                                 every_row, ids - start)
+            logits = _logits(hidden, weight[cols], None if bias is None else bias[cols])
+            dlogits = dlogits_of(logits, every_row, ids - start)
+            del logits
             if dbias is not None:
-                torch.sum(dlogits, 0, out=dbias[cols])
+                torch.sum(dlogits, 0, dtype=dbias.dtype, out=dbias[cols])
             if dweight is not None:
-                torch.mm(dlogits.to(weight.dtype).t(), hidden, out=dweight[cols])
+                torch.mm(dlogits.t(), hidden, out=dweight[cols])
             del dlogits
     return (
         None if dhidden is None else dhidden.to(hidden_dtype),

@@ -16,6 +16,7 @@ same for both.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -80,8 +81,9 @@ def linear_log_softmax(
         differentiable with respect to hidden, weight and bias.
     """
     lead = hidden.shape[:-1]
+    n = math.prod(lead)  # not reshape(-1, H): with H = 0 the -1 would be ambiguous
     logps, entropy = LinearLogSoftmax.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, ids.reshape(-1), params, bool(compute_entropy),
+        hidden.reshape(n, hidden.shape[-1]), weight, bias, ids.reshape(n), params, bool(compute_entropy),
         strategy if strategy is not None else Chunked(),
     )
     return logps.view(lead), None if entropy is None else entropy.view(lead)
