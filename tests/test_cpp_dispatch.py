@@ -210,3 +210,39 @@ def test_unset_variable_runs_the_widest_variant(monkeypatch):
         assert best == "avx2"
     elif flags:
         assert best == "baseline"
+
+
+def _extension_library():
+    import importlib.util
+
+    spec = importlib.util.find_spec("grpo_fused._C")
+    if spec is not None and spec.origin:
+        return spec.origin  # a prebuilt grpo_fused._C takes precedence over the JIT build
+    libs = [p for p in torch.ops.loaded_libraries if "grpo_fused_cpp" in os.path.basename(p)]
+    return libs[0] if libs else None
+
+
+def test_no_wide_instruction_outside_the_variants():
+    # The build is portable: only the avx2 / avx512 copies of the row kernels may hold VEX / EVEX
+    # (AVX) instructions, or the library would crash an older CPU the moment it ran that code
+    # (the hazard of an inline function compiled for a wider target and kept by the linker).
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and binutils' objdump")
+    path = _extension_library()
+    if path is None:
+        pytest.skip("the extension's library file was not found")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", path], capture_output=True, text=True,
+                          check=True).stdout
+    offenders, function = set(), None
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif "\tv" in line and function is not None:  # every AVX mnemonic starts with v (vaddps, vpmovzxwd...)
+            if "grpo_fused_cpp::avx2::" not in function and "grpo_fused_cpp::avx512::" not in function:
+                offenders.add(function)
+    assert not offenders, sorted(offenders)[:10]
+    assert any("grpo_fused_cpp::avx512::" in ln for ln in text.splitlines() if ln.endswith(">:"))
