@@ -12,7 +12,10 @@ namespace grpo_fused_cpp {
 
 // grpo_fused.semantics.Slot
 constexpr int64_t kSlotInvTemperature = 0;
-constexpr int64_t kNumSlots = 12;
+constexpr int64_t kSlotTopK = 12;  // sampling support (grpo_fused.semantics.SamplingRule)
+constexpr int64_t kSlotTopP = 13;
+constexpr int64_t kSlotLogMinP = 14;
+constexpr int64_t kNumSlots = 15;
 
 // grpo_fused.semantics.AdvantageScale
 enum ScaleMode : int64_t { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };

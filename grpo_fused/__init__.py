@@ -18,16 +18,18 @@ from .api import (
 )
 from . import distributed
 from .modules import GRPOLoss, LinearGRPOLoss
-from .semantics import GRPOConfig, GroupStats, GRPOOutput
+from .semantics import ExplicitSupport, GRPOConfig, GroupStats, GRPOOutput, SamplingRule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExplicitSupport",
     "GRPOConfig",
     "GRPOLoss",
     "GRPOOutput",
     "GroupStats",
     "LinearGRPOLoss",
+    "SamplingRule",
     "distributed",
     "group_advantages",
     "grpo_loss",

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .semantics import GRPOConfig, LossBatch
+from .semantics import ExplicitSupport, GRPOConfig, LossBatch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -196,3 +196,34 @@ def check_linear_inputs(hidden, weight, ids, temperature, bias=None, weight_name
     """:func:`check_vocab_inputs` of ``hidden`` ``(..., H)`` plus :func:`check_linear_weights`."""
     check_vocab_inputs("hidden", hidden, ids, temperature, vocab_name="H")
     check_linear_weights(hidden, weight, bias, weight_name, bias_name)
+
+
+def check_explicit_support(support, num_positions: int, vocab_size: int, device: torch.device):
+    """``support`` is an :class:`ExplicitSupport` of ``num_positions`` CSR rows of distinct ids in
+    ``[0, vocab_size)``. Reading offsets and ids is one host sync (skipped when traced)."""
+    if not isinstance(support, ExplicitSupport):
+        raise TypeError(f"support must be a grpo_fused.ExplicitSupport(offsets, ids), got {type(support).__name__}")
+    check_tensor("support.offsets", support.offsets, ndim=(1,), kind="int")
+    check_tensor("support.ids", support.ids, ndim=(1,), kind="int")
+    if support.offsets.shape[0] != num_positions + 1:
+        raise ValueError(f"support.offsets must have shape ({num_positions + 1},) (one row per position, plus one), "
+                         f"got {_fmt(support.offsets.shape)}")
+    for name, t in (("support.offsets", support.offsets), ("support.ids", support.ids)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
+    if torch.compiler.is_compiling():
+        return
+    offsets = support.offsets.detach().cpu().long()
+    nnz = support.ids.numel()
+    if offsets[0] != 0 or offsets[-1] != nnz or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"support.offsets must rise from 0 to {nnz} (the number of support.ids)")
+    if nnz == 0:
+        return
+    ids = support.ids.detach().long()
+    lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"support.ids must lie in [0, {vocab_size}) (the vocab size), found {lo if lo < 0 else hi}")
+    rows = torch.repeat_interleave(torch.arange(num_positions), offsets[1:] - offsets[:-1]).to(ids.device)
+    keys = torch.sort(rows * vocab_size + ids).values
+    if bool((keys[1:] == keys[:-1]).any()):
+        raise ValueError("support.ids must be distinct within each position")

@@ -16,7 +16,9 @@ import torch
 from . import _dispatch
 from . import _validation as v
 from ._dispatch import LINEAR_STRATEGIES
-from .semantics import ADVANTAGE_SCALES, AdvantageRequest, GRPOConfig, GroupStats, GRPOOutput, LossBatch, masked_rows
+from .explicit_support import linear_log_softmax_on_support, log_softmax_on_support
+from .semantics import (ADVANTAGE_SCALES, AdvantageRequest, ExplicitSupport, GRPOConfig, GroupStats, GRPOOutput,
+                        LossBatch, SamplingRule, grpo_output, masked_rows)
 
 Tensor = torch.Tensor
 
@@ -33,6 +35,7 @@ def grpo_loss(
     is_weights: Optional[Tensor] = None,
     num_items_in_batch=None,
     global_batch_size=None,
+    support: Optional[ExplicitSupport] = None,
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> GRPOOutput:
@@ -53,6 +56,9 @@ def grpo_loss(
         num_items_in_batch: global token count normalizer of ``dapo``/``cispo``/``gpg`` and of
             verl's ``token-mean``; default the mask's sum.
         global_batch_size: verl's sequence-count normalizer for ``seq-mean-*`` modes.
+        support: the kept ids of each position (:class:`ExplicitSupport`, CSR over the ``B * T``
+            positions) for a sampler whose truncation ``config.top_k`` / ``top_p`` / ``min_p``
+            cannot state; the softmax runs over them only (see ``config.top_k``).
         inplace_backward: write the logits' gradient into the logits buffer (zero extra memory);
             the caller must not read those logits after backward. Fused backends only.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
@@ -63,11 +69,20 @@ def grpo_loss(
     """
     config = v.check_config(config)
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
-                      num_items_in_batch, global_batch_size)
+                      num_items_in_batch, global_batch_size, support)
     v.check_loss_inputs("logits", logits, batch, config)
     v.check_ids_in_range("completion_ids", completion_ids, logits.shape[-1], completion_mask)
+    _check_support(support, config.sampling, completion_ids, logits.shape[-1], logits.device)
     if inplace_backward:
         v.check_inplace_target("logits", logits)
+    if support is not None:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True does not apply with support= (the gradient reaches the kept "
+                             "logits only, through a gather)")
+        batch = _readable_ids(batch)
+        logps, entropy = log_softmax_on_support(logits, batch.completion_ids, support, config.temperature,
+                                                config.compute_entropy, completion_mask)
+        return grpo_output(logps, entropy, batch, config.params)
     impl = _dispatch.resolve("grpo_loss", backend, logits.device)
     return impl(logits, _readable_ids(batch), config.params, inplace_backward=inplace_backward)
 
@@ -86,6 +101,7 @@ def linear_grpo_loss(
     is_weights: Optional[Tensor] = None,
     num_items_in_batch=None,
     global_batch_size=None,
+    support: Optional[ExplicitSupport] = None,
     strategy: str = "auto",
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
@@ -107,15 +123,22 @@ def linear_grpo_loss(
     """
     config = v.check_config(config)
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
-                      num_items_in_batch, global_batch_size)
+                      num_items_in_batch, global_batch_size, support)
     v.check_tensor("hidden", hidden, ndim=(3,), kind="float")
     v.check_linear_weights(hidden, weight, bias)
     v.check_loss_inputs("hidden", hidden, batch, config)
     v.check_ids_in_range("completion_ids", completion_ids, weight.shape[0], completion_mask)
+    _check_support(support, config.sampling, completion_ids, weight.shape[0], hidden.device)
     _check_strategy_options(strategy, chunk_size, filter_eps)
-    impl = _dispatch.resolve("linear_grpo_loss", backend, hidden.device)
     # Zeroed hidden rows at masked positions (one O(N H) select): a NaN there must not reach dweight.
-    return impl(masked_rows(hidden, completion_mask), weight, bias, _readable_ids(batch), config.params,
+    hidden = masked_rows(hidden, completion_mask)
+    if support is not None:
+        batch = _readable_ids(batch)
+        logps, entropy = linear_log_softmax_on_support(hidden, weight, bias, batch.completion_ids, support,
+                                                       config.temperature, config.compute_entropy, completion_mask)
+        return grpo_output(logps, entropy, batch, config.params)
+    impl = _dispatch.resolve("linear_grpo_loss", backend, hidden.device)
+    return impl(hidden, weight, bias, _readable_ids(batch), config.params,
                 strategy=strategy, chunk_size=chunk_size, filter_eps=filter_eps)
 
 
@@ -125,6 +148,11 @@ def selective_log_softmax(
     temperature: float = 1.0,
     *,
     compute_entropy: bool = False,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k_ties: str = "exact",
+    support: Optional[ExplicitSupport] = None,
     backend: str = "auto",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-token ``log softmax(logits / temperature)[id]`` (and entropy), differentiable.
@@ -132,14 +160,24 @@ def selective_log_softmax(
     Args:
         logits: ``(..., V)`` float. ids: ``(...)`` integer, in ``[0, V)``.
         temperature: > 0. compute_entropy: also return the per-token entropy.
+        top_k, top_p, min_p, top_k_ties: score under the sampler's truncated distribution (vLLM's
+            V1 sampler, :class:`~grpo_fused.semantics.SamplingRule`): log-prob and entropy of the
+            renormalized kept tokens, ``-inf`` for an id outside them, gradient into kept logits
+            only. None (default) is off.
+        support: the kept ids of each position instead (:class:`ExplicitSupport`, CSR over the
+            positions of ``ids`` in row-major order).
 
     Returns:
         ``(logps, entropy)``: fp32 ``(...)`` (fp64 for fp64 logits); entropy is None unless asked.
     """
     v.check_vocab_inputs("logits", logits, ids, temperature)
     v.check_ids_in_range("ids", ids, logits.shape[-1])
+    sampling = SamplingRule(top_k, top_p, min_p, top_k_ties)
+    _check_support(support, sampling, ids, logits.shape[-1], logits.device)
+    if support is not None:
+        return log_softmax_on_support(logits, _as_index(ids), support, temperature, compute_entropy)
     impl = _dispatch.resolve("selective_log_softmax", backend, logits.device)
-    return impl(logits, _as_index(ids), temperature, compute_entropy)
+    return impl(logits, _as_index(ids), temperature, compute_entropy, sampling=_active(sampling))
 
 
 def linear_log_softmax(
@@ -150,6 +188,11 @@ def linear_log_softmax(
     *,
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k_ties: str = "exact",
+    support: Optional[ExplicitSupport] = None,
     strategy: str = "auto",
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
@@ -159,14 +202,20 @@ def linear_log_softmax(
 
     Args:
         hidden: ``(..., H)``. weight: ``(V, H)``. ids: ``(...)``. bias: ``(V,)`` or None.
+        top_k, top_p, min_p, top_k_ties, support: as :func:`selective_log_softmax`.
         strategy, chunk_size, filter_eps: as :func:`linear_grpo_loss`.
     """
     v.check_linear_inputs(hidden, weight, ids, temperature, bias)
     v.check_ids_in_range("ids", ids, weight.shape[0])
+    sampling = SamplingRule(top_k, top_p, min_p, top_k_ties)
+    _check_support(support, sampling, ids, weight.shape[0], hidden.device)
     _check_strategy_options(strategy, chunk_size, filter_eps)
+    if support is not None:
+        return linear_log_softmax_on_support(hidden, weight, bias, _as_index(ids), support, temperature,
+                                             compute_entropy)
     impl = _dispatch.resolve("linear_log_softmax", backend, hidden.device)
     return impl(hidden, weight, bias, _as_index(ids), temperature, compute_entropy, strategy=strategy,
-                chunk_size=chunk_size, filter_eps=filter_eps)
+                chunk_size=chunk_size, filter_eps=filter_eps, sampling=_active(sampling))
 
 
 def group_advantages(
@@ -241,6 +290,19 @@ def group_advantages(
     impl = _dispatch.resolve("group_advantages", backend, rewards.device)
     return impl(rewards, AdvantageRequest(group_size, group_ids, group_offsets, reward_weights, keep_mask, scale,
                                           bool(unbiased), float(eps)))
+
+
+def _active(sampling: SamplingRule) -> Optional[SamplingRule]:
+    """The rule when it can drop a token, else None (the plain vocabulary pass)."""
+    return sampling if sampling.active else None
+
+
+def _check_support(support, sampling: SamplingRule, ids: Tensor, vocab_size: int, device: torch.device) -> None:
+    if support is None:
+        return
+    if sampling.active:
+        raise ValueError(f"give either support= or a sampling rule ({sampling.describe()}), not both")
+    v.check_explicit_support(support, ids.numel(), vocab_size, device)
 
 
 def _as_index(ids: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .semantics import ADVANTAGE_SCALES, GRPOConfig, GroupStats, GRPOOutput, LossBatch, compute_dtype, grpo_output, masked_rows
+from .semantics import (ADVANTAGE_SCALES, GRPOConfig, GroupStats, GRPOOutput, LossBatch, SamplingRule, compute_dtype,
+                        grpo_output, masked_rows)
 
 Tensor = torch.Tensor
 
@@ -32,10 +33,55 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------
 
 
+def sampling_support(z: Tensor, sampling: Optional[SamplingRule]) -> Tensor:
+    """The tokens vLLM's sampler can draw from ``softmax(z)``: a bool ``(..., V)`` mask.
+
+    ``z`` are the logits already divided by the temperature. The dense definition of
+    :class:`~grpo_fused.semantics.SamplingRule` (vLLM V1, commit
+    ``01fa3fe74b058bb604f236341ab2361c7cf3d25b``): sort by descending ``z``, ties by ascending id
+    (a stable sort); min-p, then top-k, then top-p, each on the survivors of the one before. Each
+    stage keeps a prefix of that order, so the support is a prefix too. The top-p mass is summed
+    in float64.
+    """
+    if sampling is None or not sampling.active:
+        return torch.ones_like(z, dtype=torch.bool)
+    return sampling_support_of(z, sampling.top_k or 0, sampling.p, sampling.log_min_p, sampling.top_k_ties == "all")
+
+
+def sampling_support_of(z: Tensor, top_k, top_p, log_min_p, all_ties: bool) -> Tensor:
+    """:func:`sampling_support` with the rule's numbers as Python numbers or 0-dim tensors (the
+    values slots: ``top_k = 0``, ``top_p = 1`` and ``log_min_p = -inf`` are off)."""
+    z_sorted, order = torch.sort(z.detach(), dim=-1, descending=True, stable=True)
+    V = z.shape[-1]
+    rank = torch.arange(V, device=z.device)
+    z_max = z_sorted[..., :1]
+    # min-p: softmax(z) >= min_p * max softmax(z). A row of -inf keeps everything (it has no mass).
+    kept = ((z_sorted - z_max) >= log_min_p) | torch.isneginf(z_max)
+    # top-k: exactly k tokens, or every token tied with the k-th.
+    k = torch.as_tensor(top_k, device=z.device).long()
+    if all_ties:
+        kth = z_sorted.gather(-1, (k.clamp(1, V) - 1).expand(*z.shape[:-1], 1))
+        kept &= (z_sorted >= kth) | (k == 0)
+    else:
+        kept &= (rank < k) | (k == 0)
+    # top-p on the survivors: keep each token whose preceding mass is below p (summed in float64).
+    w = torch.where(kept, torch.exp(z_sorted.double() - z_max.double()), 0.0)
+    before = torch.cumsum(w, dim=-1) - w
+    p = torch.as_tensor(top_p, dtype=torch.float64, device=z.device)
+    kept &= (before < p * w.sum(-1, keepdim=True)) | (rank == 0) | (p >= 1)
+    return torch.ones_like(z, dtype=torch.bool).scatter(-1, order, kept)
+
+
 def selective_log_softmax(
-    logits: Tensor, ids: Tensor, temperature: float = 1.0, compute_entropy: bool = False, mask: Optional[Tensor] = None
+    logits: Tensor, ids: Tensor, temperature: float = 1.0, compute_entropy: bool = False, mask: Optional[Tensor] = None,
+    top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+    top_k_ties: str = "exact",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``logp = z[id] - logsumexp(z)`` and ``entropy = lse - sum softmax(z) * z`` with ``z = logits / T``.
+
+    With ``top_k`` / ``top_p`` / ``min_p`` the softmax is that of the sampler's truncated
+    distribution: ``z`` outside :func:`sampling_support` is ``-inf`` (no gradient reaches it), an
+    id outside the support gets ``logp = -inf`` and the entropy is the truncated distribution's.
 
     Args:
         logits: ``(..., V)`` float tensor.
@@ -44,17 +90,38 @@ def selective_log_softmax(
         compute_entropy: also return the per-token entropy.
         mask: ``(...)`` loss mask or None; rows where it is 0 pass no gradient back to the logits,
             so a NaN or inf there reaches no gradient.
+        top_k, top_p, min_p, top_k_ties: the sampler's truncation
+            (:class:`~grpo_fused.semantics.SamplingRule`); None is off.
 
     Returns:
         ``(logps, entropy)``, both ``(...)`` in the compute dtype; entropy is None unless asked.
     """
+    sampling = SamplingRule(top_k, top_p, min_p, top_k_ties)
     z = logits.to(compute_dtype(logits.dtype)) / temperature
+    support = sampling_support(z, sampling) if sampling.active else None
+    return log_softmax_on(z, ids, compute_entropy, mask, support)
+
+
+def log_softmax_on(z: Tensor, ids: Tensor, compute_entropy: bool, mask: Optional[Tensor] = None,
+                   support: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`selective_log_softmax` of ``z = logits / temperature`` (compute dtype) restricted to
+    the bool ``support`` (None: every token)."""
     if mask is not None:
         # The same values, but no gradient path through masked rows: a NaN or inf standing there
         # would otherwise turn the zero gradient they receive into 0 * NaN.
         z = torch.where(mask.unsqueeze(-1) != 0, z, z.detach())
+    index = ids.long().unsqueeze(-1)
+    z_id = z.gather(-1, index).squeeze(-1)
+    if support is not None:
+        has_nan = torch.isnan(z).any(-1)
+        # The support is a constant: dropped logits become -inf and pass no gradient back.
+        z = torch.where(support, z, torch.full_like(z, -torch.inf))
+        in_support = support.gather(-1, index).squeeze(-1)
+        z_id = torch.where(in_support, z_id, torch.full_like(z_id, -torch.inf))
+        # A NaN logit stays visible as a NaN log-prob (the sort above would hide it).
+        z_id = torch.where(has_nan, torch.full_like(z_id, torch.nan), z_id)
     lse = torch.logsumexp(z, dim=-1)
-    logps = z.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1) - lse
+    logps = z_id - lse
     entropy = None
     if compute_entropy:
         log_p = z - lse.unsqueeze(-1)
@@ -80,9 +147,14 @@ def linear_log_softmax(
     temperature: float = 1.0,
     bias: Optional[Tensor] = None,
     compute_entropy: bool = False,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k_ties: str = "exact",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`selective_log_softmax` of ``hidden @ weight.T + bias`` (materialized here)."""
-    return selective_log_softmax(linear_logits(hidden, weight, bias), ids, temperature, compute_entropy)
+    return selective_log_softmax(linear_logits(hidden, weight, bias), ids, temperature, compute_entropy,
+                                 top_k=top_k, top_p=top_p, min_p=min_p, top_k_ties=top_k_ties)
 
 
 # --------------------------------------------------------------------------------------
@@ -98,8 +170,9 @@ def grpo_loss(logits: Tensor, completion_ids: Tensor, advantages: Tensor, comple
     The arguments are those of :func:`grpo_fused.grpo_loss`; the ``(B, T)`` math after the
     log-softmax is :func:`grpo_fused.semantics.grpo_output`.
     """
+    rule = config.sampling
     logps, entropy = selective_log_softmax(logits, completion_ids, config.temperature, config.compute_entropy,
-                                           completion_mask)
+                                           completion_mask, rule.top_k, rule.top_p, rule.min_p, rule.top_k_ties)
     batch = LossBatch(completion_ids, advantages, completion_mask, old_logps, ref_logps, is_weights,
                       num_items_in_batch, global_batch_size)
     return grpo_output(logps, entropy, batch, config.params)

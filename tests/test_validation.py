@@ -68,7 +68,7 @@ CONFIG_CASES = [
     (dict(epsilon_low=-0.1), "epsilon_low must be >= 0"),
     (dict(clip_ratio_c=0.9), "clip_ratio_c must be > 1"),
     (dict(delta=-1.0), "delta must be > 0"),
-    (dict(loss_agg_mode="token-sum"), "loss_agg_mode must be one of"),
+    (dict(loss_agg_mode="token-max"), "loss_agg_mode must be one of"),
     (dict(max_completion_length=0), "max_completion_length must be >= 1"),
     (dict(beta="0.1"), "beta must be a float"),
 ]

@@ -31,7 +31,8 @@ import torch
 from .. import _cpp_build
 from .._dispatch import LINEAR_STRATEGIES
 from ..kernels.splits import chunk_rows
-from ..semantics import ADVANTAGE_SCALES, AdvantageRequest, GroupStats, GRPOOutput, LossBatch, LossParams, compute_dtype, grpo_output, vocab_values
+from ..semantics import (ADVANTAGE_SCALES, AdvantageRequest, GroupStats, GRPOOutput, LossBatch, LossParams, Option,
+                         compute_dtype, grpo_output, vocab_values)
 from ..reference import combine_rewards, group_index_from
 
 Tensor = torch.Tensor
@@ -235,7 +236,8 @@ def _log_softmax(logits: Tensor, ids: Tensor, params: Tensor, compute_entropy: b
     return logps.view(out_shape), (entropy.view(out_shape) if compute_entropy else None)
 
 
-def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float, compute_entropy: bool):
+def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float, compute_entropy: bool, sampling=None):
+    _no_sampling_support(sampling is not None)
     return _log_softmax(logits, ids, vocab_values(temperature), compute_entropy, inplace=False)
 
 
@@ -260,8 +262,9 @@ def _linear_vocab_pass(hidden, weight, bias, ids, params, compute_entropy, strat
 
 
 def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,
-                       filter_eps=None):
+                       filter_eps=None, sampling=None):
     """Never holds more than one chunk of logits (``chunk_size`` tokens; None: the chunk policy)."""
+    _no_sampling_support(sampling is not None)
     return _linear_vocab_pass(hidden, weight, bias, ids, vocab_values(temperature), compute_entropy, strategy,
                               chunk_size, filter_eps)
 
@@ -269,6 +272,7 @@ def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, 
 def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_backward: bool = False) -> GRPOOutput:
     """``inplace_backward=True`` writes the logits' gradient into ``logits`` itself (no extra
     memory); ``logits`` must not be read after backward."""
+    _no_sampling_support(params.spec.has(Option.SAMPLING_SUPPORT))
     logps, entropy = _log_softmax(logits, batch.completion_ids, params.values, params.spec.compute_entropy,
                                   inplace=inplace_backward)
     return _tail(logps, entropy, batch, params, logits.dtype)
@@ -276,9 +280,16 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
 
 def linear_grpo_loss(hidden, weight, bias, batch: LossBatch, params: LossParams, strategy="auto", chunk_size=None,
                      filter_eps=None) -> GRPOOutput:
+    _no_sampling_support(params.spec.has(Option.SAMPLING_SUPPORT))
     logps, entropy = _linear_vocab_pass(hidden, weight, bias, batch.completion_ids, params.values,
                                         params.spec.compute_entropy, strategy, chunk_size, filter_eps)
     return _tail(logps, entropy, batch, params, hidden.dtype)
+
+
+def _no_sampling_support(asked: bool) -> None:
+    if asked:
+        raise NotImplementedError("the C++ backend has no sampling-support (top_k / top_p / min_p) pass yet; "
+                                  "use backend='reference'")
 
 
 def _tail(logps, entropy, batch, params, input_dtype) -> GRPOOutput:

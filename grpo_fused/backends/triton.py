@@ -44,6 +44,7 @@ from ..semantics import (
     GRPOOutput,
     LossBatch,
     LossParams,
+    Option,
     compute_dtype,
     entropy_weights,
     grpo_output,
@@ -82,7 +83,8 @@ def resolve_strategy(strategy: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def selective_log_softmax(logits, ids, temperature, compute_entropy, inplace_backward=False):
+def selective_log_softmax(logits, ids, temperature, compute_entropy, inplace_backward=False, sampling=None):
+    _no_sampling_support(sampling is not None)
     values = vocab_values(temperature).to(logits.device, non_blocking=True)
     return _vocab.selective_log_softmax(logits, ids, values, compute_entropy, inplace_backward)
 
@@ -93,7 +95,8 @@ def _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strat
 
 
 def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,
-                       filter_eps=None):
+                       filter_eps=None, sampling=None):
+    _no_sampling_support(sampling is not None)
     values = vocab_values(temperature).to(hidden.device, non_blocking=True)
     return _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps)
 
@@ -101,6 +104,12 @@ def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, 
 # --------------------------------------------------------------------------------------
 # Losses.
 # --------------------------------------------------------------------------------------
+
+
+def _no_sampling_support(asked: bool) -> None:
+    if asked:
+        raise NotImplementedError("the Triton backend has no sampling-support (top_k / top_p / min_p) pass yet; "
+                                  "use backend='reference'")
 
 
 def _per_token(x: Optional[Tensor], B: int, T: int, dtype: torch.dtype) -> Optional[Tensor]:
@@ -118,6 +127,7 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
     if inplace_backward:
         check_inplace_backward(logits)
     spec = params.spec
+    _no_sampling_support(spec.has(Option.SAMPLING_SUPPORT))
     values = params.values_on(logits.device)
     if spec.sequence_level or not spec.loss_type.fused_epilogue:
         # The fused epilogue cannot evaluate a sequence-level ratio or a surrogate it does not
@@ -165,6 +175,7 @@ def linear_grpo_loss(hidden, weight, bias, batch: LossBatch, params: LossParams,
     """:func:`grpo_fused.linear_grpo_loss` on Triton: the strategy's vocab pass, then the ``(B, T)``
     tail (every surrogate, level, KL estimator, bonus and metric of the spec, the same numbers)."""
     spec = params.spec
+    _no_sampling_support(spec.has(Option.SAMPLING_SUPPORT))
     logps, entropy = _linear_vocab_pass(hidden, weight, bias, batch.completion_ids, params.values_on(hidden.device),
                                         spec.compute_entropy, strategy, chunk_size, filter_eps)
     dtype = compute_dtype(hidden.dtype)

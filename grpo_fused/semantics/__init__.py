@@ -9,6 +9,7 @@ definitions from here, once:
   scales) with the integer codes the kernels specialize on.
 * :mod:`.params`: :class:`LossParams`, the one object that carries a loss's hyperparameters from
   the API to every op: a :class:`LossSpec` that selects code and a float64 tensor of values.
+* :mod:`.sampling`: :class:`SamplingRule`, the sampler's truncation (top-k, top-p, min-p).
 * :mod:`.reduction`: the reduction as per-token weights.
 * :mod:`.terms`: ratio, surrogates, KL estimators, clip flags and metrics on ``(B, T)`` tensors.
 * :mod:`.tail`: :class:`LossBatch` (a call's per-token inputs) and the ``(B, T)`` tail of the loss.
@@ -24,7 +25,8 @@ import torch
 from .advantages import AdvantageRequest
 from .config import GRPOConfig
 from .outputs import GroupStats, GRPOOutput
-from .params import Hyper, LossParams, LossSpec, NUM_SLOTS, Option, Slot, vocab_values
+from .params import Hyper, LossParams, LossSpec, NUM_SLOTS, Option, Slot, sampling_options, vocab_values
+from .sampling import TOP_K_TIES, ExplicitSupport, SamplingRule
 from .reduction import entropy_weights, reduce_loss, reduce_tokens, token_weights
 from .table import *  # noqa: F401,F403  (the table's names, listed in its __all__)
 from .tail import LossBatch, grpo_loss_from_logps, grpo_output
@@ -38,11 +40,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 __all__ = [
-    "ADVANTAGE_SCALES", "AdvantageRequest", "AdvantageScale", "CLIP_METRICS", "GRPOConfig", "GRPOOutput",
+    "ADVANTAGE_SCALES", "AdvantageRequest", "AdvantageScale", "CLIP_METRICS", "ExplicitSupport", "GRPOConfig", "GRPOOutput",
     "GroupStats", "Hyper", "IS_LEVELS", "KLEstimator", "KL_ESTIMATOR_ALIASES", "KL_ESTIMATOR_NAMES",
     "LOSS_AGG_MODES", "LOSS_TYPES", "LOSS_TYPE_ALIASES", "LossBatch", "LossParams", "LossSpec", "LossType",
-    "NUM_SLOTS", "Normalizer", "Option", "Slot", "Surrogate", "clip_flags", "compute_dtype", "entropy_weights",
+    "NUM_SLOTS", "Normalizer", "Option", "SamplingRule", "Slot", "Surrogate", "TOP_K_TIES", "clip_flags", "compute_dtype", "entropy_weights",
     "grpo_loss_from_logps", "grpo_output", "importance_log_ratio", "kl_estimate", "loss_type_named", "masked",
     "masked_rows", "masked_sequence_mean", "metric_mean", "normalizer_of", "policy_token_loss", "reduce_loss",
-    "reduce_tokens", "token_metrics", "token_weights", "vocab_values",
+    "reduce_tokens", "sampling_options", "token_metrics", "token_weights", "vocab_values",
 ]

@@ -18,7 +18,8 @@ import dataclasses
 import math
 from typing import Optional
 
-from .params import LossParams, LossSpec, Option
+from .params import LossParams, LossSpec, Option, sampling_options, sampling_slots
+from .sampling import SamplingRule
 from .table import (
     IS_LEVELS,
     KL_ESTIMATOR_ALIASES,
@@ -84,6 +85,12 @@ class GRPOConfig:
             Default 0.0002.
         ppo_kl_coef: ``kl_cov``: coefficient of that penalty. Default 0.1.
         dro_beta: ``dro``: coefficient of the quadratic log-ratio penalty (> 0); required for dro.
+        top_k / top_p / min_p / top_k_ties: the sampler's truncation (vLLM's V1 sampler, see
+            :class:`~grpo_fused.semantics.SamplingRule`): log-probs and entropy are those of the
+            truncated, renormalized ``softmax(logits / temperature)``, gradients reach the kept
+            logits only, and a masked-in token outside the support leaves the loss (it cannot come
+            from that sampler) and is counted in the ``sampling/outside_support`` metric. None
+            (default) means off; ``top_k >= 1``, ``top_p`` in ``(0, 1]``, ``min_p`` in ``[0, 1)``.
 
     Attributes:
         params: the :class:`~grpo_fused.semantics.LossParams` every op reads (built here).
@@ -113,6 +120,10 @@ class GRPOConfig:
     kl_cov_ratio: float = 0.0002
     ppo_kl_coef: float = 0.1
     dro_beta: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    top_k_ties: str = "exact"
     params: LossParams = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -158,6 +169,7 @@ class GRPOConfig:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         _check_int("max_completion_length", self.max_completion_length, optional=True)
         _check_int("dp_size", self.dp_size)
+        self.sampling  # validates top_k, top_p, min_p, top_k_ties
         object.__setattr__(self, "params", self._build_params())
 
     def _build_params(self) -> LossParams:
@@ -173,6 +185,7 @@ class GRPOConfig:
         ):
             if on:
                 options |= flag
+        options |= sampling_options(self.sampling)
         spec = LossSpec(
             loss_type=row,
             normalizer=normalizer_of(row, self.loss_agg_mode),
@@ -207,7 +220,13 @@ class GRPOConfig:
             kl_cov_ratio=self.kl_cov_ratio,
             ppo_kl_coef=self.ppo_kl_coef,
             dro_beta=0.0 if self.dro_beta is None else self.dro_beta,
+            **{slot.name.lower(): value for slot, value in sampling_slots(self.sampling).items()},
         )
+
+    @property
+    def sampling(self) -> SamplingRule:
+        """The sampler's truncation rule (every stage off by default)."""
+        return SamplingRule(self.top_k, self.top_p, self.min_p, self.top_k_ties)
 
     @property
     def eps_high(self) -> float:

@@ -29,12 +29,13 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from .sampling import SamplingRule
 from .table import KLEstimator, LossType, Normalizer
 
 Tensor = torch.Tensor
 
 __all__ = ["Hyper", "LossParams", "LossSpec", "NUM_SLOTS", "NUM_TAIL_SLOTS", "Option", "Slot", "TailSlot",
-           "vocab_values"]
+           "sampling_options", "sampling_slots", "vocab_values"]
 
 
 class Slot(enum.IntEnum):
@@ -52,6 +53,9 @@ class Slot(enum.IntEnum):
     SAPO_TAU_POS = 9
     SAPO_TAU_NEG = 10
     ENTROPY_COEF = 11
+    TOP_K = 12  # sampling support: tokens top-k keeps (0 when off)
+    TOP_P = 13  # sampling support: top-p mass (1 when off)
+    LOG_MIN_P = 14  # sampling support: log(min_p) (-inf when off)
 
 
 NUM_SLOTS = len(Slot)
@@ -80,6 +84,8 @@ class Option(enum.IntFlag):
     BIAS_CORRECT_KL = 8  # KL times the importance ratio (TRL use_bias_correction_kl)
     COMPUTE_ENTROPY = 16  # per-token entropy in the vocab pass
     ENTROPY_BONUS = 32  # subtract entropy_coef * masked-mean entropy
+    SAMPLING_SUPPORT = 64  # score tokens under the sampler's truncated distribution (SamplingRule)
+    TOP_K_ALL_TIES = 128  # top-k keeps every token tied with the k-th (vLLM's PyTorch path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +137,9 @@ class Hyper(NamedTuple):
     sapo_tau_pos: Tensor
     sapo_tau_neg: Tensor
     entropy_coef: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    log_min_p: Tensor
     clip_cov_ratio: Tensor
     clip_cov_lb: Tensor
     clip_cov_ub: Tensor
@@ -161,8 +170,10 @@ class LossParams:
     @staticmethod
     def build(spec: LossSpec, **floats: float) -> "LossParams":
         """``LossParams`` with the given slots (lower-case :class:`Slot` or :class:`TailSlot` names)
-        set and the others 0."""
+        set, the sampling-support slots off and the others 0."""
         values = torch.zeros(NUM_SLOTS, dtype=torch.float64, device="cpu")
+        for slot, value in sampling_slots(None).items():
+            values[slot] = value
         tail_values = _zero_tail_values()
         for name, value in floats.items():
             if name.upper() in TailSlot.__members__:
@@ -195,9 +206,28 @@ class LossParams:
                      *self._on("tail_values", device).to(dtype).unbind())
 
 
-def vocab_values(temperature: float) -> Tensor:
-    """The ``values`` of a bare vocabulary pass (``selective_log_softmax``): the temperature slots."""
+def vocab_values(temperature: float, sampling: Optional[SamplingRule] = None) -> Tensor:
+    """The ``values`` of a bare vocabulary pass (``selective_log_softmax``): the temperature and
+    sampling-support slots."""
     values = torch.zeros(NUM_SLOTS, dtype=torch.float64, device="cpu")
     values[Slot.TEMPERATURE] = float(temperature)
     values[Slot.INV_TEMPERATURE] = 1.0 / float(temperature)
+    for slot, value in sampling_slots(sampling).items():
+        values[slot] = value
     return values
+
+
+def sampling_slots(sampling: Optional[SamplingRule]) -> Dict[Slot, float]:
+    """The sampling-support slots of ``sampling`` (every stage off for None)."""
+    rule = sampling or SamplingRule()
+    return {Slot.TOP_K: float(rule.top_k or 0), Slot.TOP_P: rule.p, Slot.LOG_MIN_P: rule.log_min_p}
+
+
+def sampling_options(sampling: Optional[SamplingRule]) -> Option:
+    """The :class:`Option` flags of ``sampling``: none unless some stage can drop a token."""
+    if sampling is None or not sampling.active:
+        return Option(0)
+    options = Option.SAMPLING_SUPPORT
+    if sampling.top_k is not None and sampling.top_k_ties == "all":
+        options |= Option.TOP_K_ALL_TIES
+    return options

@@ -18,6 +18,7 @@ import torch
 
 from .outputs import GRPOOutput
 from .params import LossParams, Option
+from .sampling import ExplicitSupport
 from .reduction import entropy_weights, reduce_tokens, token_weights
 from .table import Surrogate
 from .terms import clip_flags, kl_estimate, masked, policy_token_loss, token_metrics
@@ -38,6 +39,7 @@ class LossBatch:
         old_logps / ref_logps: ``(B, T)`` or None (on-policy / no KL).
         is_weights: rollout importance-sampling weight ``(B,)``, ``(B, 1)`` or ``(B, T)``, or None.
         num_items_in_batch / global_batch_size: global normalizers (numbers or 0-dim tensors), or None.
+        support: the kept ids of each position (:class:`ExplicitSupport`), or None.
     """
 
     completion_ids: Tensor
@@ -48,6 +50,7 @@ class LossBatch:
     is_weights: Optional[Tensor] = None
     num_items_in_batch: object = None
     global_batch_size: object = None
+    support: Optional[ExplicitSupport] = None
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -159,12 +162,23 @@ def grpo_loss_from_logps(logps: Tensor, advantages: Tensor, mask: Tensor, params
 def grpo_output(logps: Tensor, entropy: Optional[Tensor], batch: LossBatch, params: LossParams) -> GRPOOutput:
     """The ``(B, T)`` tail every path shares once the vocab pass has produced ``logps`` (and
     ``entropy``), ``(B, T)`` each in the compute dtype: cast the batch to that dtype, run
-    :func:`grpo_loss_from_logps`, package a :class:`GRPOOutput`."""
+    :func:`grpo_loss_from_logps`, package a :class:`GRPOOutput`.
+
+    Under a sampling support (:class:`~grpo_fused.semantics.SamplingRule` or an explicit one), a
+    masked-in token whose log-prob is ``-inf`` lies outside the support: that sampler cannot have
+    drawn it, so it leaves the mask (and the loss) and is counted in ``sampling/outside_support``
+    (the fraction of masked-in tokens). Global normalizers given by the caller stay as given."""
     dtype = logps.dtype
+    mask = batch.mask_as(dtype, logps.device)
+    outside = None
+    if batch.support is not None or params.spec.has(Option.SAMPLING_SUPPORT):
+        outside = (mask != 0) & torch.isneginf(logps.detach())
+        counted = (mask != 0).sum().clamp(min=1)
+        mask = torch.where(outside, torch.zeros_like(mask), mask)
     loss, metrics = grpo_loss_from_logps(
         logps,
         batch.advantages.to(dtype),
-        batch.mask_as(dtype, logps.device),
+        mask,
         params,
         old_logps=_cast(batch.old_logps, dtype),
         ref_logps=_cast(batch.ref_logps, dtype),
@@ -173,6 +187,8 @@ def grpo_output(logps: Tensor, entropy: Optional[Tensor], batch: LossBatch, para
         num_items_in_batch=batch.num_items_in_batch,
         global_batch_size=batch.global_batch_size,
     )
+    if outside is not None:
+        metrics["sampling/outside_support"] = outside.sum().to(dtype) / counted
     return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
 
 
