@@ -23,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import trl  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+import grpo_fused as gf  # noqa: E402
+import grpo_fused.reference  # noqa: E402,F401
 from grpo_fused.integrations import trl as gf_trl  # noqa: E402
 from grpo_fused.trainer.demo_task import build_char_tokenizer, build_tiny_model  # noqa: E402
 
@@ -425,3 +427,65 @@ def test_vllm_importance_sampling_modes(shape, model_dir, tmp_path):
         trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     fused_loss = gf_trl.fused_compute_loss(trainer, trainer.model, inputs)
     torch.testing.assert_close(fused_loss, trl_loss, rtol=2e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling-support replay (opt-in).
+# --------------------------------------------------------------------------------------
+
+
+def test_sampling_rule_from_trl_args():
+    args = _args("/tmp/unused", top_k=5, top_p=0.9, min_p=None)
+    assert gf_trl.sampling_rule_from_trl_args(args) == gf.SamplingRule(top_k=5, top_p=0.9, top_k_ties="all")
+    args = _args("/tmp/unused", top_k=0, top_p=1.0, generation_kwargs={"top_k": 7})
+    assert gf_trl.sampling_rule_from_trl_args(args) == gf.SamplingRule(top_k=7, top_k_ties="all")
+    args = _args("/tmp/unused", top_k=0, top_p=1.0)
+    assert not gf_trl.sampling_rule_from_trl_args(args).active
+    args.use_vllm = True  # vLLM's top-k keeps exactly k; min-p with top-p is vLLM's order
+    args.top_p, args.min_p = 0.8, 0.1
+    assert gf_trl.sampling_rule_from_trl_args(args) == gf.SamplingRule(top_p=0.8, min_p=0.1)
+    for overrides, words in (
+        (dict(repetition_penalty=1.1), "repetition_penalty"),
+        (dict(generation_kwargs={"bad_words": ["a"]}), "bad_words"),
+        (dict(top_p=0.8, min_p=0.1), "top_p with min_p"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            gf_trl.sampling_rule_from_trl_args(_args("/tmp/unused", **overrides))
+
+
+def test_sampling_support_replays_transformers_sampler(model_dir, tmp_path):
+    """transformers samples with top-k 3 and top-p 0.9; with the replay, every sampled token lies in
+    grpo-fused's support (sampling/outside_support is 0 at every on-policy step), the policy head scores the
+    truncated distribution (checked against the reference on the model's own logits) and the reference
+    model's head the full one."""
+    trainer = gf_trl.FusedGRPOTrainer(
+        model=model_dir, reward_funcs=_reward,
+        # One iteration per generation: every step scores tokens of the policy that sampled them.
+        args=_args(tmp_path, loss_type="grpo", beta=0.04, top_k=3, top_p=0.9, max_steps=2, num_iterations=1),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=build_char_tokenizer("abc="),
+        fused_backend="reference", fused_sampling_support=True,
+    )
+    assert trainer._grpo_fused.sampling == gf.SamplingRule(top_k=3, top_p=0.9, top_k_ties="all")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["sampling/outside_support"] == 0.0 for h in logs)
+
+    policy, reference = gf_trl._head_models(trainer)
+    ids = torch.tensor([[1, 2, 3, 4, 2, 1, 3]])
+    labels = ids.clone()
+    with torch.no_grad():
+        for model, rule in ((policy, dict(top_k=3, top_p=0.9, top_k_ties="all")), (reference, {})):
+            head = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            with gf_trl.using_trl_head(trainer):
+                logits = model(input_ids=ids).logits[:, :-1]
+            want, _ = gf.reference.selective_log_softmax(logits.double(), ids[:, 1:], 0.9, **rule)
+            torch.testing.assert_close(head.log_probs.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_support_refusals(model_dir, tmp_path):
+    build = lambda **kw: gf_trl.FusedGRPOTrainer(  # noqa: E731
+        model=model_dir, reward_funcs=_reward, args=_args(tmp_path, top_k=3, **kw),
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=build_char_tokenizer("abc="),
+        fused_backend="reference", fused_sampling_support=True)
+    with pytest.raises(ValueError, match="needs grpo-fused's loss, and loss_type='vespo'"):
+        build(loss_type="vespo")

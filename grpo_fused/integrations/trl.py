@@ -29,6 +29,16 @@ Two things change, and every option of TRL 1.16's ``GRPOConfig`` keeps TRL's num
    router loss. The other options (``loss_type="vespo"``, ``top_entropy_quantile < 1``,
    ``off_policy_mask_threshold``, ``use_adaptive_entropy``) run TRL's own ``_compute_loss`` on the
    grpo-fused head: TRL's numbers by construction, still without the ``(B, T, V)`` logits.
+
+Opt-in, ``sampling_support=True`` (``fused_sampling_support=True`` on :class:`FusedGRPOTrainer`) scores
+the policy's tokens under the distribution the sampler used: TRL's ``top_k`` / ``top_p`` / ``min_p``
+(and their ``generation_kwargs`` overrides) truncate the softmax of the current and old log-probs
+(:class:`grpo_fused.SamplingRule`; vLLM's rule with ``use_vllm=True``, transformers' with every token
+tied with the k-th kept otherwise). The on-policy ratio is then 1 where the full softmax gives the kept
+mass, and the vLLM importance-sampling ratio compares like with like (TRL asks vLLM for processed
+log-probs). The reference model's log-probs stay those of its full softmax (a KL against a truncated
+reference is infinite wherever the two supports differ). A token outside the support leaves the loss
+and is logged as ``sampling/outside_support``.
 """
 
 from __future__ import annotations
@@ -43,8 +53,8 @@ import torch
 
 from .. import api
 from .._dispatch import BACKENDS, LINEAR_STRATEGIES
-from ..semantics import (LOSS_TYPES, GRPOConfig, LossBatch, Normalizer, Surrogate, clip_flags, grpo_output,
-                         importance_log_ratio)
+from ..semantics import (LOSS_TYPES, GRPOConfig, LossBatch, Normalizer, SamplingRule, Surrogate, clip_flags,
+                         grpo_output, importance_log_ratio)
 
 try:  # TRL is optional for the package, required to use this module's trainer class.
     from trl import GRPOTrainer as _TRLGRPOTrainer
@@ -52,13 +62,20 @@ except ImportError:  # pragma: no cover - exercised only without TRL installed
     _TRLGRPOTrainer = None
 
 __all__ = ["FusedGRPOTrainer", "FusedLossSettings", "config_from_trl_args", "fused_compute_loss", "install_fused_head",
-           "patch_trainer", "using_trl_head"]
+           "patch_trainer", "sampling_rule_from_trl_args", "using_trl_head"]
 
 LM_HEAD_MODES = ("auto", "grpo_fused", "trl")
 # Inputs TRL hands its log-prob function for vision-language models (forwarded to the model as they are).
 MULTIMODAL_KEYS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)
+# Generation arguments that change the sampled distribution in ways a sampling rule cannot replay
+# (they depend on the tokens generated so far, or on lists the loss never sees).
+UNREPLAYABLE_GENERATION_KWARGS = (
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "bad_words", "bad_words_ids",
+    "sequence_bias", "no_repeat_ngram_size", "typical_p", "epsilon_cutoff", "eta_cutoff", "allowed_token_ids",
+    "suppress_tokens", "begin_suppress_tokens", "min_tokens", "min_new_tokens", "temperature",
 )
 
 
@@ -73,6 +90,7 @@ class FusedLossSettings:
         temperature: the head's temperature: TRL's divided by the model's ``logit_scale``.
         backend: grpo-fused backend (``"auto"``, ``"triton"``, ``"cpp"``, ``"reference"``).
         strategy: linear-path strategy (``"auto"``, ``"chunked"``, ``"tiled"``).
+        sampling: the sampler's truncation the policy's log-probs replay, or None (full softmax).
     """
 
     config: Optional[GRPOConfig]
@@ -80,6 +98,7 @@ class FusedLossSettings:
     temperature: float
     backend: str = "auto"
     strategy: str = "auto"
+    sampling: Optional[SamplingRule] = None
 
 
 def trl_only_options(args) -> list:
@@ -96,9 +115,41 @@ def trl_only_options(args) -> list:
     return options
 
 
-def config_from_trl_args(args, max_completion_length: Optional[int] = None) -> GRPOConfig:
+def sampling_rule_from_trl_args(args) -> SamplingRule:
+    """The truncation TRL's generation applies: ``top_k`` (0 or -1 off), ``top_p`` (1 off), ``min_p``
+    (None or 0 off), overridden by ``generation_kwargs``. vLLM (``use_vllm=True``) keeps exactly ``k``
+    tokens; transformers' top-k keeps every token tied with the k-th.
+
+    ``ValueError`` where no rule reproduces the sampler: a ``repetition_penalty`` other than 1, a
+    generation argument of :data:`UNREPLAYABLE_GENERATION_KWARGS`, or transformers' top-p with min-p
+    (transformers applies min-p after top-p, vLLM before)."""
+    extra = dict(getattr(args, "generation_kwargs", None) or {})
+    if float(extra.get("repetition_penalty", getattr(args, "repetition_penalty", 1.0))) != 1.0:
+        raise ValueError("sampling_support=True cannot replay repetition_penalty != 1 (the penalty depends on the "
+                         "tokens generated so far)")
+    unreplayable = sorted(k for k in extra if k in UNREPLAYABLE_GENERATION_KWARGS and k != "repetition_penalty")
+    if unreplayable:
+        raise ValueError(f"sampling_support=True cannot replay generation_kwargs {unreplayable}")
+    top_k = extra.get("top_k", args.top_k)
+    top_p = extra.get("top_p", args.top_p)
+    min_p = extra.get("min_p", args.min_p)
+    rule = SamplingRule(
+        top_k=int(top_k) if top_k is not None and int(top_k) > 0 else None,
+        top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
+        min_p=float(min_p) if min_p else None,
+        top_k_ties="exact" if args.use_vllm else "all",
+    )
+    if not args.use_vllm and rule.top_p is not None and rule.min_p is not None:
+        raise ValueError("sampling_support=True cannot replay transformers' top_p with min_p (it applies min-p "
+                         "after top-p; the rule is vLLM's, min-p first); generate with vLLM or drop one of them")
+    return rule
+
+
+def config_from_trl_args(args, max_completion_length: Optional[int] = None,
+                         sampling_support: bool = False) -> GRPOConfig:
     """Map a ``trl.GRPOConfig`` to :class:`grpo_fused.GRPOConfig`; ``ValueError`` for the options of
-    :func:`trl_only_options`, which the patched trainer leaves to TRL's loss code."""
+    :func:`trl_only_options`, which the patched trainer leaves to TRL's loss code. With
+    ``sampling_support``, the config carries :func:`sampling_rule_from_trl_args`."""
     only_trl = trl_only_options(args)
     if only_trl:
         raise ValueError(f"grpo_fused.GRPOConfig does not state {', '.join(only_trl)}; the patched trainer runs "
@@ -119,6 +170,7 @@ def config_from_trl_args(args, max_completion_length: Optional[int] = None) -> G
         entropy_coef=float(args.entropy_coef),
         compute_entropy=True,
         max_completion_length=max_completion_length or args.max_completion_length,
+        **(dataclasses.asdict(sampling_rule_from_trl_args(args)) if sampling_support else {}),
     )
 
 
@@ -164,9 +216,13 @@ def _resolve_lm_head(model, lm_head: str) -> tuple:
     return (lm_head if lm_head != "auto" else ("grpo_fused" if exact else "trl")), scale
 
 
-def install_fused_head(model, temperature: float, backend: str = "auto", strategy: str = "auto") -> None:
+def install_fused_head(model, temperature: float, backend: str = "auto", strategy: str = "auto",
+                       sampling: Optional[SamplingRule] = None) -> None:
     """Make ``model(..., labels=labels, fused_lm_head=True)`` compute its log-probs and entropy with
     :func:`grpo_fused.linear_log_softmax` (``model`` is the Hugging Face causal LM, PEFT unwrapped).
+
+    ``sampling`` truncates the softmax of the policy's passes; a pass with the PEFT adapters disabled
+    or switched to TRL's ``"ref"`` adapter is the reference's, scored under the full softmax.
 
     Only positions whose next-token label is not -100 are scored, from the backbone's last hidden
     state and ``lm_head.weight`` / ``bias``, in fp32 outside autocast; the result has TRL 1.16's
@@ -177,6 +233,12 @@ def install_fused_head(model, temperature: float, backend: str = "auto", strateg
 
     previous = model.forward
     text_config = _text_config(model)
+    sampling_kwargs = {}
+    if sampling is not None and sampling.active:
+        sampling_kwargs = dict(top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                               top_k_ties=sampling.top_k_ties)
+    # A PEFT tuner layer: TRL's reference pass disables them (or activates the "ref" adapter).
+    tuners = [m for m in model.modules() if _is_tuner_layer(m)][:1]
     # A vision-language model under transformers < 5 exposes its language backbone as `model`.
     backbone_attr = "base_model"
     if text_config is not model.config and int(transformers.__version__.split(".")[0]) < 5:
@@ -207,9 +269,10 @@ def install_fused_head(model, temperature: float, backend: str = "auto", strateg
 
         # grpo-fused computes in fp32 itself; autocast would turn its chunk GEMMs back to bf16.
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            reference_pass = any(t.disable_adapters or "ref" in t.active_adapters for t in tuners)
             logps, entropy = api.linear_log_softmax(
                 hidden[mask], weight, labels[mask], temperature, bias=bias, compute_entropy=True, strategy=strategy,
-                backend=backend,
+                backend=backend, **({} if reference_pass else sampling_kwargs),
             )
         # masked_scatter keeps an all-ignored micro-batch connected to the graph (a zero, not an error).
         log_probs = logps.new_zeros(mask.shape).masked_scatter(mask, logps)
@@ -221,6 +284,14 @@ def install_fused_head(model, temperature: float, backend: str = "auto", strateg
 
     model.forward = types.MethodType(forward, model)
     model._grpo_fused_head = True
+
+
+def _is_tuner_layer(module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return isinstance(module, BaseTunerLayer)
 
 
 def _router_loss(outputs, text_config, kwargs):
@@ -262,7 +333,8 @@ class using_trl_head:
 # --------------------------------------------------------------------------------------
 
 
-def patch_trainer(trainer, *, backend: str = "auto", strategy: str = "auto", lm_head: str = "auto"):
+def patch_trainer(trainer, *, backend: str = "auto", strategy: str = "auto", lm_head: str = "auto",
+                  sampling_support: bool = False):
     """Make ``trainer`` (a ``trl.GRPOTrainer``, TRL 1.16) use grpo-fused; returns ``trainer``.
 
     Args:
@@ -270,31 +342,46 @@ def patch_trainer(trainer, *, backend: str = "auto", strategy: str = "auto", lm_
         backend: grpo-fused backend, ``"auto"`` (Triton on CUDA, C++ on CPU, else the reference).
         strategy: linear-path strategy, ``"auto"``, ``"chunked"`` or ``"tiled"``.
         lm_head: ``"auto"`` (grpo-fused's head wherever it is exact), ``"grpo_fused"`` or ``"trl"``.
+        sampling_support: score the policy's tokens under the sampler's truncated distribution (see
+            the module docstring); needs grpo-fused's head and loss.
     """
-    _install(trainer, backend, strategy, lm_head)
+    _install(trainer, backend, strategy, lm_head, sampling_support)
     trainer._compute_loss = types.MethodType(fused_compute_loss, trainer)
     return trainer
 
 
-def _install(trainer, backend, strategy, lm_head) -> None:
+def _install(trainer, backend, strategy, lm_head, sampling_support=False) -> None:
     """The head on the trainer's models and the settings on the trainer (the loss is wired by the caller)."""
-    settings = _settings_for(trainer, backend, strategy, lm_head)
+    settings = _settings_for(trainer, backend, strategy, lm_head, sampling_support)
     if settings.lm_head == "grpo_fused":
-        for model in _head_models(trainer):
+        policy, *reference = _head_models(trainer)
+        install_fused_head(policy, settings.temperature, backend, strategy, settings.sampling)
+        for model in reference:
             install_fused_head(model, settings.temperature, backend, strategy)
     trainer._grpo_fused = settings
 
 
-def _settings_for(trainer, backend, strategy, lm_head) -> FusedLossSettings:
+def _settings_for(trainer, backend, strategy, lm_head, sampling_support=False) -> FusedLossSettings:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if strategy not in LINEAR_STRATEGIES:
         raise ValueError(f"strategy must be one of {LINEAR_STRATEGIES}, got {strategy!r}")
+    if not isinstance(sampling_support, bool):
+        raise TypeError(f"sampling_support must be a bool, got {type(sampling_support).__name__}")
     config = None
-    if not trl_only_options(trainer.args):
-        config = config_from_trl_args(trainer.args, max_completion_length=trainer.max_completion_length)
+    only_trl = trl_only_options(trainer.args)
+    if not only_trl:
+        config = config_from_trl_args(trainer.args, trainer.max_completion_length, sampling_support)
     mode, scale = _resolve_lm_head(_head_models(trainer)[0], lm_head)
-    return FusedLossSettings(config, mode, float(trainer.args.temperature) / scale, backend, strategy)
+    sampling = None
+    if sampling_support:
+        if only_trl:
+            raise ValueError(f"sampling_support=True needs grpo-fused's loss, and {', '.join(only_trl)} runs TRL's "
+                             "(a token outside the support would reach TRL's loss with log-prob -inf)")
+        if mode != "grpo_fused":
+            raise ValueError("sampling_support=True needs grpo-fused's LM head; this model keeps TRL's (lm_head='trl')")
+        sampling = config.sampling if config.sampling.active else None
+    return FusedLossSettings(config, mode, float(trainer.args.temperature) / scale, backend, strategy, sampling)
 
 
 # --------------------------------------------------------------------------------------
@@ -381,6 +468,8 @@ def _log_metrics(self, mode, out, mask, advantages, old_logps, cfg: GRPOConfig):
     if cfg.beta != 0.0:
         metrics["kl"].append(global_mean(out.metrics["kl"], per_sequence=False))
     metrics["entropy"].append(global_mean(out.metrics["entropy"], per_sequence=False))
+    if "sampling/outside_support" in out.metrics:
+        metrics["sampling/outside_support"].append(global_mean(out.metrics["sampling/outside_support"], False))
     surrogate = cfg.params.spec.loss_type.surrogate
     if surrogate is Surrogate.CLIP:
         for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
@@ -419,14 +508,14 @@ if _TRLGRPOTrainer is not None:
         """``trl.GRPOTrainer`` whose log-probs and loss are computed by grpo-fused.
 
         Takes every argument of ``trl.GRPOTrainer`` plus, keyword-only, ``fused_backend``
-        (default ``"auto"``), ``fused_strategy`` (``"auto"``) and ``fused_lm_head`` (``"auto"``);
-        see :func:`patch_trainer`.
+        (default ``"auto"``), ``fused_strategy`` (``"auto"``), ``fused_lm_head`` (``"auto"``) and
+        ``fused_sampling_support`` (False); see :func:`patch_trainer`.
         """
 
         def __init__(self, *args, fused_backend: str = "auto", fused_strategy: str = "auto",
-                     fused_lm_head: str = "auto", **kwargs):
+                     fused_lm_head: str = "auto", fused_sampling_support: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
-            _install(self, fused_backend, fused_strategy, fused_lm_head)
+            _install(self, fused_backend, fused_strategy, fused_lm_head, fused_sampling_support)
 
         def _compute_loss(self, model, inputs):
             return fused_compute_loss(self, model, inputs)

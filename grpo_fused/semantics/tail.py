@@ -165,8 +165,10 @@ def grpo_output(logps: Tensor, entropy: Optional[Tensor], batch: LossBatch, para
     :func:`grpo_loss_from_logps`, package a :class:`GRPOOutput`.
 
     Under a sampling support (:class:`~grpo_fused.semantics.SamplingRule` or an explicit one), a
-    masked-in token whose log-prob is ``-inf`` lies outside the support: that sampler cannot have
-    drawn it, so it leaves the mask (and the loss) and is counted in ``sampling/outside_support``
+    masked-in token whose log-prob is ``-inf`` lies outside the current policy's support: on-policy
+    that sampler cannot have drawn it; off-policy (a later iteration on the same rollout) the update
+    moved it out, and its ratio is 0 with no gradient either way. It leaves the mask (and the loss:
+    a finite value, where its KL would be infinite) and is counted in ``sampling/outside_support``
     (the fraction of masked-in tokens). Global normalizers given by the caller stay as given."""
     dtype = logps.dtype
     mask = batch.mask_as(dtype, logps.device)
