@@ -9,9 +9,19 @@ sum of ``exp(z - max) * (z - max)`` for the entropy) plus the target logit. The 
 
 Backward: one program per ``(token block, vocab tile)`` recomputes its logit tile, forms
 ``dlogits`` from the saved ``lse`` (and entropy), and adds ``dlogits @ W`` into ``dhidden``
-and ``dlogits.T @ hidden`` into ``dweight`` (fp32 buffers, atomic adds: the summation order
-over vocab tiles / token blocks is not fixed, so the last bits of the gradients can differ
-from run to run). Optional gradient filtering skips a tile whose softmax is below
+and ``dlogits.T @ hidden`` into ``dweight`` (fp32 buffers, relaxed atomic adds --
+``red.global.add.v4.f32`` with no fence: a reduction publishes nothing and is read only after
+the kernel; the default acq_rel atomics put 12 GPU-scope fences in every H step. The summation
+order over vocab tiles / token blocks is not fixed, so the last bits of the gradients can differ
+from run to run. A deterministic reduction was not chosen: per-block partials of dweight would be
+(N / BLOCK_N) x V x H fp32, 557 GB at N = 16k).
+
+Cost model (static sm_90a report, predicted, not measured on GPU): a GEMM tile whose operands
+stream from L2 does ``2 BN BV / ((BN + BV) e)`` FLOPs per L2 byte, and the backward reduces
+``(N / BN) V H 4 + (V / BV) N H 4`` bytes in L2. At N = 16384, V = 151936, H = 3584 with 128 x 128
+tiles that is 558 GB of reductions and ~305-525 ms fwd+bwd against ~135 ms for the chunked
+strategy, which ``strategy="auto"`` therefore picks; the tiled strategy is for when its O(N)
+memory, or gradient filtering, matters more than time. Optional gradient filtering skips a tile whose softmax is below
 ``filter_eps`` everywhere and that holds no target id (an approximation; off by default).
 
 Memory beyond the inputs: ``O(N)`` floats in forward; in backward an fp32 ``(N, H)``
@@ -74,18 +84,20 @@ def _logit_tile(
 
 
 @triton.jit
-def _token_block(ids, params, N, BLOCK_N: tl.constexpr):
+def _token_block(ids, params_ptr, N, BLOCK_N: tl.constexpr):
     """This program's tokens (axis 0 of the grid): ``(rows64, row_ok, target id, 1 / temperature)``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     target = tl.load(ids + rows64, mask=row_ok, other=-1).to(tl.int64)
-    return rows64, row_ok, target, load_param(params, P_INV_TEMPERATURE, tl.float32)
+    return rows64, row_ok, target, load_param(params_ptr, P_INV_TEMPERATURE, tl.float32)
 
 
 @triton.jit
 def _linear_lse_fwd_kernel(
-    hidden, weight, bias, ids, params,  # (N, H), (V, H), (V,) or None, (N,), (NUM_SLOTS,) float64
+    # (A kernel parameter may not be called ``params``: Triton's launch binder has a local of that
+    # name, and the launch fails on the GPU with "failed to specialize argument of type: dict".)
+    hidden, weight, bias, ids, params_ptr,  # (N, H), (V, H), (V,) or None, (N,), (NUM_SLOTS,) float64
     part_max, part_sum, part_pz, part_target,  # (S, N) fp32 each; part_pz None without entropy
     N, V, H, tiles_per_split,
     stride_hn, stride_hh, stride_wv, stride_wh,
@@ -93,7 +105,7 @@ def _linear_lse_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows64, row_ok, target, inv_temperature = _token_block(ids, params, N, BLOCK_N)
+    rows64, row_ok, target, inv_temperature = _token_block(ids, params_ptr, N, BLOCK_N)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -135,7 +147,7 @@ def _linear_lse_fwd_kernel(
 
 @triton.jit
 def _linear_lse_bwd_kernel(
-    hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy,  # (N, H), (V, H), (V,), (N,), params, (N,) x4
+    hidden, weight, bias, ids, params_ptr, lse, entropy, dlogps, dentropy,  # (N, H), (V, H), (V,), (N,), params, (N,) x4
     dhidden, dweight, dbias,  # fp32 accumulators (N, H), (V, H), (V,); None when not needed
     N, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
@@ -146,7 +158,7 @@ def _linear_lse_bwd_kernel(
     FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_v = tl.program_id(1)
-    rows64, row_ok, target, inv_temperature = _token_block(ids, params, N, BLOCK_N)
+    rows64, row_ok, target, inv_temperature = _token_block(ids, params_ptr, N, BLOCK_N)
     cols64 = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols64 < V
     row_lse = tl.load(lse + rows64, mask=row_ok, other=0.0)
@@ -154,43 +166,54 @@ def _linear_lse_bwd_kernel(
     z = _logit_tile(hidden, weight, bias, rows64, row_ok, cols64, col_ok, H,
                     stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
                     BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, DOT_PRECISION)
-    valid = row_ok[:, None] & col_ok[None, :] & (z > float("-inf"))
-    p = tl.where(valid, tl.exp(z - row_lse[:, None]), 0.0)
+    # z is -inf past the vocab, so p is 0 there without a mask; rows past N are zeroed.
+    p = tl.where(row_ok[:, None], tl.exp(z - row_lse[:, None]), 0.0)
     is_target = (cols64[None, :] == target[:, None]) & row_ok[:, None]
 
     keep = True
     if FILTER:
         keep = (tl.max(tl.max(p, 1), 0) >= filter_eps) | (tl.max(tl.max(is_target.to(tl.int32), 1), 0) > 0)
     if keep:
-        dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         if HAS_DLOGPS:
             g = tl.load(dlogps + rows64, mask=row_ok, other=0.0)
-            dz += g[:, None] * (is_target.to(tl.float32) - p)
+        else:
+            g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # dz = g * (onehot - p) - g_H * p * (z - (lse - H)) = g * onehot - p * coef: one tile of
+        # coefficients instead of three live tiles (the 128 x 128 tile fits its registers).
+        coef = g[:, None]
         if HAS_DENTROPY:
-            # d entropy / dz_j = -p_j * (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - entropy.
+            # d entropy / dz_j = -p_j * (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - entropy; z
+            # floored so that p = 0 past the vocab never meets -inf (0 * -inf = NaN).
             g_ent = tl.load(dentropy + rows64, mask=row_ok, other=0.0)
             row_ent = tl.load(entropy + rows64, mask=row_ok, other=0.0)
-            centered = tl.where(valid, z - (row_lse - row_ent)[:, None], 0.0)
-            dz -= g_ent[:, None] * p * centered
-        dlogits = tl.where(valid, dz * inv_temperature, 0.0)
+            coef = coef + g_ent[:, None] * (tl.maximum(z, -3.0e38) - (row_lse - row_ent)[:, None])
+        dlogits = (tl.where(is_target, g[:, None], 0.0) - p * coef) * inv_temperature
         if NEED_DBIAS:
-            tl.atomic_add(dbias + cols64, tl.sum(dlogits, 0), mask=col_ok)
+            tl.atomic_add(dbias + cols64, tl.sum(dlogits, 0), mask=col_ok, sem="relaxed")
         dlogits_in = dlogits.to(hidden.dtype.element_ty)
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hs < H
-            if NEED_DHIDDEN:
+        # Two H loops, not one: only one gradient accumulator is live at a time (registers), and
+        # each loop loads only its own operand, so no byte is read twice. The reductions into
+        # dhidden / dweight are relaxed atomics (red.global.add, no fences): they publish nothing
+        # and are read only after the kernel ends.
+        if NEED_DHIDDEN:
+            for h0 in range(0, H, BLOCK_H):
+                hs = h0 + tl.arange(0, BLOCK_H)
+                h_ok = hs < H
                 w = tl.load(weight + cols64[:, None] * stride_wv + hs[None, :] * stride_wh,
                             mask=col_ok[:, None] & h_ok[None, :], other=0.0)
                 dx = tl.dot(dlogits_in, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
                 tl.atomic_add(dhidden + rows64[:, None] * H + hs[None, :], dx,
-                              mask=row_ok[:, None] & h_ok[None, :])
-            if NEED_DWEIGHT:
+                              mask=row_ok[:, None] & h_ok[None, :], sem="relaxed")
+        if NEED_DWEIGHT:
+            dlogits_t = tl.trans(dlogits_in)
+            for h0 in range(0, H, BLOCK_H):
+                hs = h0 + tl.arange(0, BLOCK_H)
+                h_ok = hs < H
                 x = tl.load(hidden + rows64[:, None] * stride_hn + hs[None, :] * stride_hh,
                             mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-                dw = tl.dot(tl.trans(dlogits_in), x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+                dw = tl.dot(dlogits_t, x, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
                 tl.atomic_add(dweight + cols64[:, None] * H + hs[None, :], dw,
-                              mask=col_ok[:, None] & h_ok[None, :])
+                              mask=col_ok[:, None] & h_ok[None, :], sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------
@@ -204,25 +227,46 @@ class TiledConfig:
 
     Attributes:
         block_n / block_v / block_h: tile sizes (powers of two, >= 16 for ``tl.dot``).
+        bwd_block_h: the backward's H step (None: ``block_h``); the backward holds a gradient
+            accumulator and the dlogits tile besides its logit tile, so a shorter step keeps it
+            out of local memory.
         num_splits: vocab splits of the forward; None picks enough to fill the GPU.
         num_warps / num_stages: passed to the launches.
+
+    The defaults are the bf16 / fp16 config of :func:`default_config` but for its backward's
+    32-wide H step.
     """
 
-    block_n: int = 64
+    block_n: int = 128
     block_v: int = 128
     block_h: int = 64
     num_splits: Optional[int] = None
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
+    bwd_block_h: Optional[int] = None
 
 
-def default_config(device: torch.device) -> TiledConfig:
-    """A fixed config. Under the CPU interpreter the tiles are small, so that the tests' tiny
-    ragged shapes still cover several tiles and every masking path; CPU tensors whose launches
-    are recorded for an ahead-of-time compile get the GPU config."""
+# bf16 / fp16 on sm_90: a 128 x 128 logit tile over two warpgroups (each wgmma m64n128k16 from
+# shared memory), 3 stages, K = 64 a stage in forward and 32 in backward. Static report (sm_90a,
+# V = 151936, H = 3584): forward 185 registers, 96 KB smem; backward 214 registers (254 with bias,
+# entropy term and filtering), 0 spills -- also at ragged N and V, where K = 64 spilled 44-68 bytes.
+# Against 64 x 128 it halves the logits-tile operand traffic per FLOP in the forward and the L2
+# reductions per FLOP in the backward (both scale as (BN + BV) / (BN * BV)).
+GPU_CONFIG = TiledConfig(bwd_block_h=32)
+# fp32 / fp64 operands run ``tl.dot`` in "ieee" fp32 on the FMA units (no tensor cores): per-thread
+# outer products need registers, so 64 x 128 x 32 with one stage (182 / 196 registers, 0 spills;
+# 64 x 128 x 64 spilled 340 / 552 bytes in the backward).
+GPU_CONFIG_FP32 = TiledConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=1)
+
+
+def default_config(device: torch.device, dtype: Optional[torch.dtype] = None) -> TiledConfig:
+    """A fixed config for operands of ``dtype`` (default bf16 / fp16). Under the CPU interpreter
+    the tiles are small, so that the tests' tiny ragged shapes still cover several tiles and every
+    masking path; CPU tensors whose launches are recorded for an ahead-of-time compile get the
+    GPU config."""
     if device.type == "cpu" and interpreting():
         return TiledConfig(block_n=16, block_v=64, block_h=16, num_splits=2, num_warps=1, num_stages=1)
-    return TiledConfig()
+    return GPU_CONFIG_FP32 if dtype in (torch.float32, torch.float64) else GPU_CONFIG
 
 
 def _kernel_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -267,7 +311,7 @@ def _tiled_fwd_launch(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], id
             hidden_k.stride(0), hidden_k.stride(1), weight_k.stride(0), weight_k.stride(1),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
             HAS_BIAS=bias_k is not None, HAS_ENTROPY=compute_entropy, DOT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
         )
     return part
 
@@ -312,7 +356,7 @@ def _tiled_bwd_launch(
             HAS_BIAS=bias_k is not None, HAS_DLOGPS=dlogps is not None, HAS_DENTROPY=dentropy is not None,
             NEED_DHIDDEN=dhidden is not None, NEED_DWEIGHT=dweight is not None, NEED_DBIAS=dbias is not None,
             FILTER=filter_eps is not None, DOT_PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
         )
     return dhidden, dweight, dbias
 
@@ -376,22 +420,26 @@ class Tiled:
         """``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (of ``z = logits / temperature``), from
         hidden ``(N, H)`` (fp32 / bf16 / fp16 / fp64, any strides), weight ``(V, H)``, bias ``(V,)`` or
         None, ids ``(N,)`` and the ``(NUM_SLOTS,)`` float64 ``params`` on the device."""
-        cfg = self.config or default_config(hidden.device)
+        cfg = self.config or default_config(hidden.device, torch.promote_types(hidden.dtype, weight.dtype))
         part = _tiled_fwd_op(hidden, weight, bias, ids, params, bool(compute_entropy), *_config_fields(cfg))
         # Merge the splits in index order (deterministic): O(S * N), no pass over V.
         part_max, part_sum, part_target = part[0], part[1], part[2]
         row_max = part_max.amax(0)
         sums, pz = rescale_partials(part_max, part_sum, part[3] if compute_entropy else None, row_max)
         lse, entropy = finish_partials(row_max, sums.sum(0), None if pz is None else pz.sum(0))
-        return part_target.sum(0) - lse, lse, entropy
+        # An id outside [0, V) matches no column (nothing is read for it): its logp is -inf.
+        in_vocab = (ids >= 0) & (ids < weight.shape[0])
+        logps = torch.where(in_vocab, part_target.sum(0) - lse, torch.full_like(lse, float("-inf")))
+        return logps, lse, entropy
 
     def backward(self, hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, needs):
         """``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias (None where ``needs``
         says no, and dbias without a bias), recomputing the logit tiles; ``lse`` / ``entropy`` from
         :meth:`forward`, ``dlogps`` / ``dentropy`` ``(N,)`` or None (zero). With ``filter_eps`` a
         tile whose softmax is below it everywhere and that holds no target is skipped."""
-        cfg = self.config or default_config(hidden.device)
+        cfg = self.config or default_config(hidden.device, torch.promote_types(hidden.dtype, weight.dtype))
         need_dbias = needs[2] and bias is not None
+        cfg = dataclasses.replace(cfg, block_h=cfg.bwd_block_h or cfg.block_h)
         dhidden, dweight, dbias = _tiled_bwd_op(
             hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy,
             0.0 if self.filter_eps is None else float(self.filter_eps), needs[0], needs[1], need_dbias,
