@@ -55,9 +55,11 @@ from .common import SCALE_BATCH, SCALE_GROUP, cpu_tensors_accepted, launchable, 
 
 Tensor = torch.Tensor
 
-# Elements per (BLOCK_G, BLOCK_S) tile: 2048 fp32 values is 16 per thread at 4 warps, enough
-# loads in flight per thread without spilling; the widest group tile is 1024 members.
+# Elements per (BLOCK_G, BLOCK_S) tile over GROUP_WARPS warps: 2048 values is 8 per thread at 8
+# warps. (At 4 warps, 16 a thread, the variable-size paths -- int64 member rows from the
+# permutation, several live tiles -- spilled 88-388 bytes on sm_90a; the static report checks.)
 TILE_ELEMENTS = 2048
+GROUP_WARPS = 8
 MAX_BLOCK_S = 1024
 # Variable-size groups get at least this many members per tile row, so a few large groups
 # among many small ones do not walk in tiny steps.
@@ -171,7 +173,7 @@ def _group_advantages_kernel(
         group_mean = tl.where(group_count > 0, _div(group_sum, tl.maximum(group_count, 1.0), ACC), float("nan"))
         dev = tl.where(valid, r - group_mean[:, None], 0.0)
         group_spread = tl.max(tl.abs(dev), axis=1)
-        scaled = _div(dev, tl.where(group_spread > 0, group_spread, 1.0)[:, None], ACC)
+        scaled = dev * _div(1.0, tl.where(group_spread > 0, group_spread, 1.0), ACC)[:, None]
         group_m2s = tl.sum(scaled * scaled, axis=1)
     else:
         max_size = tl.max(sizes, axis=0).to(tl.int32)
@@ -198,8 +200,9 @@ def _group_advantages_kernel(
             # The sum of squares relative to the largest |deviation| so far, rescaled when it grows.
             spread = tl.maximum(group_spread, tl.max(tl.abs(dev), axis=1))
             spread_safe = tl.where(spread > 0, spread, 1.0)
-            old = _div(group_spread, spread_safe, ACC)
-            scaled = _div(dev, spread_safe[:, None], ACC)
+            inv_spread = _div(1.0, spread_safe, ACC)  # one divide a group, not one a member
+            old = group_spread * inv_spread
+            scaled = dev * inv_spread[:, None]
             group_m2s = group_m2s * old * old + tl.sum(scaled * scaled, axis=1)
             group_spread = spread
 
@@ -355,6 +358,7 @@ def group_stats(
             SCALE=scale_mode, ONE_CHUNK=one_chunk, BLOCK_G=block_g, BLOCK_S=block_s,
             HAS_OFFSETS=group_offsets is not None, HAS_PERM=perm is not None,
             HAS_WEIGHTS=reward_weights is not None, HAS_KEEP=keep_mask is not None,
+            num_warps=GROUP_WARPS, enable_fp_fusion=True,  # fp fusion pinned: Triton 3.10 turns it off by default
         )
     return advantages, combined, group_index, mean, std, count, zero_std, partials
 
