@@ -288,9 +288,12 @@ def check_inplace_backward(logits: Tensor) -> None:
 _MAX_BLOCK_V = int(os.environ.get("GRPO_FUSED_BLOCK_V", "2048"))
 
 
-def row_vector(logits: Tensor, block_v: int) -> int:
-    """``VEC``: columns a thread reads with one 16-byte load (8 bf16 / fp16, 4 fp32, 2 fp64)."""
-    return max(1, min(block_v, 16 // logits.element_size()))
+def row_vector(logits: Tensor, block_v: int, out: Optional[Tensor] = None) -> int:
+    """``VEC``: contiguous columns a thread owns in a tile: one 16-byte access of the narrowest of
+    ``logits`` and ``out`` (8 bf16 / fp16, 4 fp32, 2 fp64), so fp32 logits with a bf16 gradient
+    are read with two 16-byte loads and written with one 16-byte store."""
+    size = logits.element_size() if out is None else min(logits.element_size(), out.element_size())
+    return max(1, min(block_v, 16 // size))
 
 
 def launch_config(vocab: int, block_v: Optional[int] = None) -> Tuple[int, int]:
