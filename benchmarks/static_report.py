@@ -86,6 +86,10 @@ class DeviceModel:
     smem_reserved_per_cta: int = 1024
     max_warps_per_sm: int = 64
     max_ctas_per_sm: int = 32
+    mufu_per_clk_per_sm: int = 16  # ex2 / lg2 lanes a clock (4 SFUs per sub-partition)
+    # Assumed, not measured: L2 -> SM bandwidth for GEMM operand tiles (a 64 x 128 bf16 tile at
+    # these rates is the 30-37 % of 800 TFLOP/s the issue's review predicted).
+    l2_bytes_per_s: Tuple[float, float] = (5.5e12, 7.0e12)
     # Assumed, not measured: throughput of fp32 vector reductions (red.global.add.v4.f32) resolved
     # in L2 for non-conflicting addresses, in payload bytes per second.
     l2_reduction_bytes_per_s: Tuple[float, float] = (1.5e12, 3.0e12)
@@ -141,51 +145,60 @@ def record_launches(scenario: str = ""):
         _dispatch._chosen.clear()
 
 
-_TORCH_TO_TRITON = {
-    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
-    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1",
-}
+def _backend():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    return make_backend(GPUTarget(*TARGET))
 
 
 def ast_source(fn, args, kwargs):
-    """``(ASTSource, options, summary)`` of one recorded launch, typed as a Triton launch types it.
-
-    Tensors are pointers to their dtype (16-byte divisible when their address is), ints are
-    i32 unless they need i64 (divisible by 16 when they are), Python floats fp32, bools i1;
-    constexpr parameters and None arguments are constants. Keyword arguments that are not
+    """``(ASTSource, options, summary)`` of one recorded launch, specialized exactly as Triton's own
+    launch on an sm_90 device would (``JITFunction.run``'s binder and ``_pack_args``): pointers
+    marked 16-byte divisible when their address is, integers 16-divisible when they are, an
+    integer equal to 1 (a unit stride) a constant, None a constant. Keyword arguments that are not
     parameters (num_warps, num_stages, enable_fp_fusion, ...) are compile options.
     """
-    import torch
+    from triton._C.libtriton import native_specialize_impl
     from triton.compiler import ASTSource
 
-    values = dict(zip(fn.arg_names, args))
-    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    signature, constexprs, attrs, summary = {}, {}, {}, {}
-    divisible = [["tt.divisibility", 16]]
-    for index, param in enumerate(fn.params):
-        value = values[param.name]
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[(index,)] = value
-            summary[param.name] = repr(value)
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
-            if value.data_ptr() % 16 == 0:
-                attrs[(index,)] = divisible
-            summary[param.name] = signature[param.name] + ("/16" if value.data_ptr() % 16 == 0 else "")
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = divisible
-            summary[param.name] = signature[param.name] + ("/16" if value % 16 == 0 else "")
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
+    backend = _backend()
+    # What JITFunction.run's generated binder computes, argument by argument (the binder itself is
+    # exercised by launch_failure: a parameter name can break it).
+    bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in fn.arg_names})
+    bound.apply_defaults()
+    bound_args = dict(bound.arguments)
+    specialization = []
+    for kp, value in zip(fn.params, bound_args.values()):
+        if kp.is_constexpr:
+            specialization.append(("constexpr", value))
         else:
-            raise TypeError(f"{fn.__name__}: argument {param.name} of unexpected type {type(value).__name__}")
+            specialization.append(native_specialize_impl(backend, value, kp.is_const, not kp.do_not_specialize,
+                                                         not kp.do_not_specialize_on_alignment))
     options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(options), bound_args, specialization, options)
+    summary = {}
+    for index, (name, kind) in enumerate(signature.items()):
+        if kind == "constexpr":
+            summary[name] = repr(constexprs.get((index,)))
+        elif kind.startswith("*") or kind.startswith("i"):
+            divisible = any(a and a[0][0] == "tt.divisibility" for a in [attrs.get((index,), [])])
+            summary[name] = kind + ("/16" if divisible else "")
     return ASTSource(fn, signature, constexprs, attrs), options, summary
+
+
+def launch_failure(launch: Launch) -> Optional[str]:
+    """Why Triton's own launch path would refuse this launch before compiling (its generated
+    argument binder), or None. A kernel parameter named like one of the binder's locals
+    (``params``, ``specialization``, ``options``) makes every GPU launch fail."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, _backend())
+    try:
+        binder(*launch.args, **launch.kwargs)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def launch_key(launch: Launch) -> str:
@@ -368,6 +381,8 @@ def innermost_loops(instrs: Sequence[Instr]) -> List[Tuple[int, int]]:
     branch to a label, the loop being the label's instruction through the branch."""
     spans = sorted({(int(i.target), i.index) for i in instrs
                     if i.target is not None and 0 <= int(i.target) <= i.index})
+    # (A branch to itself is the trap every kernel ends with, not a loop.)
+    spans = [(a, b) for a, b in spans if a < b]
     return [(a, b) for a, b in spans if not any((c, d) != (a, b) and a <= c and d <= b for c, d in spans)]
 
 
@@ -377,7 +392,6 @@ STREAMED_ARG = {
     "_selective_log_softmax_fwd_kernel": "logits_ptr",
     "_selective_log_softmax_bwd_kernel": "logits_ptr",
     "_grpo_logits_fwd_kernel": "logits_ptr",
-    "_grpo_two_pass_fwd_kernel": "logits_ptr",
 }
 
 
@@ -527,7 +541,7 @@ def _selective_log_softmax(shapes: Shapes):
     (logps.sum() + entropy.sum()).backward()
 
 
-def _linear_grpo_loss(strategy: str, dtype: str):
+def _linear_grpo_loss(strategy: str, dtype: str, bias: bool = False, **config_kwargs):
     def run(shapes: Shapes):
         import torch
 
@@ -537,8 +551,9 @@ def _linear_grpo_loss(strategy: str, dtype: str):
         torch_dtype = getattr(torch, dtype)
         hidden = torch.empty(B, T, shapes.hidden, dtype=torch_dtype).normal_().requires_grad_()
         weight = torch.empty(shapes.vocab, shapes.hidden, dtype=torch_dtype).requires_grad_()
-        config = gf.GRPOConfig(loss_type="dapo", beta=0.04)
-        out = gf.linear_grpo_loss(hidden, weight, config=config, strategy=strategy, backend="triton",
+        b = torch.zeros(shapes.vocab, dtype=torch_dtype, requires_grad=True) if bias else None
+        config = gf.GRPOConfig(**{"loss_type": "dapo", "beta": 0.04, **config_kwargs})
+        out = gf.linear_grpo_loss(hidden, weight, bias=b, config=config, strategy=strategy, backend="triton",
                                   **_loss_inputs(torch, shapes, B, T))
         out.loss.backward()
 
@@ -565,6 +580,9 @@ SCENARIOS: Dict[str, Tuple[str, str, Callable[[Shapes], None]]] = {
     "selective-log-softmax": ("selective_log_softmax", "logps and entropy, both differentiated",
                               _selective_log_softmax),
     "linear-tiled-bf16": ("linear_grpo_loss", "strategy tiled, bf16", _linear_grpo_loss("tiled", "bfloat16")),
+    "linear-tiled-bf16-bias-entropy": ("linear_grpo_loss", "strategy tiled, bf16, lm_head bias, entropy bonus "
+                                       "(the backward's heaviest specialization)",
+                                       _linear_grpo_loss("tiled", "bfloat16", bias=True, entropy_coef=0.01)),
     "linear-tiled-fp32": ("linear_grpo_loss", "strategy tiled, fp32", _linear_grpo_loss("tiled", "float32")),
     "linear-chunked-bf16": ("linear_grpo_loss", "strategy chunked, bf16 (cuBLAS GEMMs + row kernels on fp32 logits)",
                             _linear_grpo_loss("chunked", "bfloat16")),
@@ -577,111 +595,122 @@ SCENARIOS: Dict[str, Tuple[str, str, Callable[[Shapes], None]]] = {
 # ======================================================================================
 
 
-def issue_bytes_per_s(instr_per_8: float, bytes_per_column: float, clock_hz: float, device: DeviceModel = H100) -> float:
-    """Bytes per second a streaming loop can move when instruction issue is the limit: each
-    warp-instruction covers 32 threads x 8 columns / ``instr_per_8`` columns, an SM issues
-    ``issue_per_clk_per_sm`` warp-instructions a clock."""
-    columns_per_clk = device.issue_per_clk_per_sm * 32 * 8 / instr_per_8
-    return columns_per_clk * bytes_per_column * device.sms * clock_hz
+def stream_columns_per_s(per8: Optional[float], mufu_per8: Optional[float], clock_hz: float,
+                         device: DeviceModel = H100) -> float:
+    """Columns a second the SMs can push through a streaming loop when instruction issue or the
+    MUFU (ex2) pipe is the limit: a warp-instruction covers 32 threads x 8 columns / ``per8``
+    columns and an SM issues ``issue_per_clk_per_sm`` of them a clock; MUFU retires
+    ``mufu_per_clk_per_sm`` lanes a clock."""
+    rates = []
+    if per8:
+        rates.append(device.issue_per_clk_per_sm * 32 * 8 / per8)
+    if mufu_per8:
+        rates.append(device.mufu_per_clk_per_sm * 8 / mufu_per8)
+    return (min(rates) if rates else float("inf")) * device.sms * clock_hz
 
 
-def _stream_time(bytes_moved: float, columns: float, instr_per_8: Optional[float], bytes_per_column: float,
-                 device: DeviceModel) -> Tuple[float, float]:
-    """(seconds at the HBM floor, predicted seconds [slow clock]) of one streaming pass."""
+def _pass_time(bytes_moved: float, columns: float, kernel: Optional[Dict[str, Any]], device: DeviceModel
+               ) -> Tuple[float, float]:
+    """(seconds at the HBM floor, predicted seconds at the slow clock) of one streaming pass."""
     floor = bytes_moved / device.hbm_bytes_per_s
-    if not instr_per_8:
-        return floor, floor
-    issue = columns * bytes_per_column / issue_bytes_per_s(instr_per_8, bytes_per_column, device.clock_hz[0], device)
-    return floor, max(floor, issue)
+    loop = (kernel or {}).get("streaming_loop") or {}
+    per8, cols = loop.get("per_8_columns"), loop.get("columns_per_thread")
+    mufu8 = loop["mufu_ex2"] * 8 / cols if cols else None
+    rate = stream_columns_per_s(per8, mufu8, device.clock_hz[0], device)
+    return floor, max(floor, columns / rate)
 
 
-def logits_path_model(N: int, V: int, elem: int, fwd_per8: Optional[float], bwd_per8: Optional[float],
+def logits_path_model(N: int, V: int, elem: int, fwd: Optional[Dict[str, Any]], bwd: Optional[Dict[str, Any]],
                       masked_fraction: float, skip_masked_forward: bool, device: DeviceModel = H100) -> Dict[str, Any]:
-    """Bytes and time of the logits path fwd+bwd.
+    """Bytes and time of the logits path fwd+bwd (``N`` tokens, ``V`` columns of ``elem`` bytes).
 
-    Forward reads every row (masked rows too unless the forward skips them); backward reads the
-    rows with a nonzero incoming gradient (masked rows have none) and writes every row (zeros for
-    the rest). DESIGN.md's floor is 3 x N x V x e bytes (every row read twice, written once).
+    Forward reads every masked-in row (every row when masked rows are read,
+    ``GRPO_FUSED_SKIP_MASKED_ROWS=0``); backward reads the rows with a nonzero incoming gradient
+    (masked rows have none) and writes every row (zeros for the rest). DESIGN.md's floor is
+    3 x N x V x e bytes (every row read twice and written once). Each pass is predicted as the
+    slowest of HBM bandwidth, instruction issue and the MUFU pipe, from its compiled loop.
     """
     nv = N * V
     active = 1.0 - masked_fraction
     fwd_rows = active if skip_masked_forward else 1.0
     fwd_bytes = fwd_rows * nv * elem
-    bwd_read = active * nv * elem
-    bwd_write = nv * elem
-    f_floor, f_pred = _stream_time(fwd_bytes, fwd_rows * nv, fwd_per8, elem, device)
-    # Backward: an active column is read and written (2e bytes); a masked row is a zero store only.
-    b_floor, b_pred = _stream_time(bwd_read + bwd_write, active * nv, bwd_per8, 2 * elem, device)
-    b_pred = max(b_pred, b_floor)
+    bwd_read, bwd_write = active * nv * elem, nv * elem
+    f_floor, f_pred = _pass_time(fwd_bytes, fwd_rows * nv, fwd, device)
+    b_floor, b_pred = _pass_time(bwd_read + bwd_write, active * nv, bwd, device)
     design_floor = 3 * nv * elem / device.hbm_bytes_per_s
     return {
         "bytes": {"forward": fwd_bytes, "backward_read": bwd_read, "backward_write": bwd_write,
                   "total": fwd_bytes + bwd_read + bwd_write, "design_floor": 3 * nv * elem},
-        "ms": {"design_floor": design_floor * 1e3, "floor_of_this_byte_model": (f_floor + b_floor) * 1e3,
-               "predicted": (f_pred + b_pred) * 1e3},
-        "predicted_pct_of_design_floor": 100 * design_floor / (f_pred + b_pred),
+        "ms": {"design_floor": design_floor * 1e3, "floor": (f_floor + b_floor) * 1e3,
+               "predicted": (f_pred + b_pred) * 1e3, "forward": f_pred * 1e3, "backward": b_pred * 1e3},
+        "bound": "memory" if f_pred <= f_floor * 1.0001 and b_pred <= b_floor * 1.0001 else "issue",
+        "predicted_vs_design_floor": design_floor / (f_pred + b_pred),
     }
 
 
-def two_pass_model(N: int, V: int, elem: int, per8: Optional[float], masked_fraction: float,
-                   resident_rows: int, device: DeviceModel = H100) -> Dict[str, Any]:
-    """The opt-in two-pass path: one program reads its row (statistics), then sweeps it again to
-    write the gradient in place, while the row is still in L2; bytes 1 read + 1 write of N x V."""
-    nv = N * V
-    active = 1.0 - masked_fraction
-    total = active * nv * elem + nv * elem
-    seconds = total / device.hbm_bytes_per_s
-    if per8:
-        # Two sweeps' worth of instructions (statistics + gradient) over the active columns.
-        issue = active * nv * elem * 2 / issue_bytes_per_s(per8, elem, device.clock_hz[0], device)
-        seconds = max(seconds, issue)
-    resident = resident_rows * V * elem
-    return {
-        "bytes": {"read": active * nv * elem, "write": nv * elem, "total": total},
-        "ms": {"floor": total / device.hbm_bytes_per_s * 1e3, "predicted": seconds * 1e3,
-               "design_floor": 3 * nv * elem / device.hbm_bytes_per_s * 1e3},
-        "l2_check": {"resident_rows": resident_rows, "row_bytes": V * elem, "resident_bytes": resident,
-                     "l2_bytes": device.l2_bytes, "fits": resident <= device.l2_bytes / 2},
-    }
+def two_pass_l2_check(V: int, elem: int, ctas_per_sm: Sequence[int], device: DeviceModel = H100) -> List[Dict[str, Any]]:
+    """Whether a two-pass row program (statistics sweep, then a gradient sweep re-reading the row)
+    can find its row in L2 on the second sweep: every resident program holds one row between its
+    sweeps, so ``resident rows x row bytes`` must fit in L2 (with the other half left for the
+    streams themselves)."""
+    rows = []
+    for ctas in ctas_per_sm:
+        resident = device.sms * ctas * V * elem
+        rows.append({"ctas_per_sm": ctas, "resident_rows": device.sms * ctas, "row_bytes": V * elem,
+                     "resident_bytes": resident, "l2_bytes": device.l2_bytes,
+                     "fits_half_of_l2": resident <= device.l2_bytes / 2, "fits_l2": resident <= device.l2_bytes})
+    return rows
 
 
-def linear_model(N: int, V: int, H: int, elem: int, tiled_blocks: Optional[Tuple[int, int]],
-                 device: DeviceModel = H100) -> Dict[str, Any]:
-    """FLOPs and bytes of the fused linear path, both strategies, at ``N`` tokens.
+def gemm_rate(block_m: int, block_n: int, operand_bytes: int, device: DeviceModel = H100) -> Tuple[float, float]:
+    """FLOP/s of a Triton GEMM main loop whose operand tiles stream from L2: a K-step of a
+    ``block_m x block_n`` tile does ``2 m n k`` FLOPs on ``(m + n) k`` operands, so the intensity is
+    ``m n / ((m + n) e)`` FLOP per L2 byte; the rate is that times the L2 bandwidth, capped by the
+    tensor-core rate (cuBLAS' measured 800 TFLOP/s). Returns (slow, fast) for the L2 range."""
+    intensity = 2 * block_m * block_n / ((block_m + block_n) * operand_bytes)
+    peak = device.gemm_flops_bf16 if operand_bytes == 2 else device.gemm_flops_fp32_simt
+    return tuple(min(peak, intensity * bw) for bw in device.l2_bytes_per_s)
 
-    chunked: forward 1 GEMM, backward 2 recomputing GEMMs + 2 gradient GEMMs (the dweight pass
-    over vocab slices recomputes its logits: no fp32 (V, H) accumulator); logits are fp32 in HBM
-    (written by the GEMM, read by the row kernel, which writes bf16 dlogits the gradient GEMM
-    reads): 8 bytes a logit in forward, 12 per backward pass.
-    tiled: 1 GEMM forward, 3 backward (recompute, dlogits @ W, dlogits.T @ x) on chip; the two
-    gradients are reduced in L2 with fp32 atomics: (N / BLOCK_N) x V x H x 4 bytes into dweight
-    and (V / BLOCK_V) x N x H x 4 into dhidden.
+
+def linear_model(N: int, V: int, H: int, elem: int, fwd_blocks: Optional[Tuple[int, int]],
+                 bwd_blocks: Optional[Tuple[int, int]], device: DeviceModel = H100) -> Dict[str, Any]:
+    """FLOPs, bytes and time of the fused linear path fwd+bwd, both strategies, at ``N`` tokens.
+
+    chunked: forward 1 GEMM; backward 2 recomputing GEMMs + 2 gradient GEMMs (the dweight pass
+    over vocab slices recomputes its logits: no fp32 (V, H) accumulator) = 10 N V H FLOPs at
+    cuBLAS' rate; logits are fp32 in HBM: 8 bytes a logit in forward (GEMM write, row-kernel read),
+    12 per backward pass (GEMM write 4, row kernel read 4 and bf16 dlogits write 2, GEMM read 2).
+    tiled: 8 N V H FLOPs in Triton GEMMs whose operands stream from L2 (:func:`gemm_rate`); the
+    backward's gradient GEMMs load their operands once more and reduce dhidden and dweight in L2
+    with fp32 atomics: (N / BN) V H 4 + (V / BV) N H 4 bytes.
     """
-    nvh = N * V * H
-    nv = N * V
+    nvh, nv = N * V * H, N * V
+    out: Dict[str, Any] = {}
     gemm = device.gemm_flops_bf16 if elem == 2 else device.gemm_flops_fp32_simt
-    chunked_flops = 10 * nvh
-    chunked_bytes = (8 + 2 * 12) * nv
-    chunked_s = chunked_flops / gemm + chunked_bytes / device.hbm_bytes_per_s
-    out = {
-        "chunked": {"flops": chunked_flops, "logit_bytes": chunked_bytes,
-                    "ms": {"gemm_floor": chunked_flops / gemm * 1e3,
-                           "predicted": chunked_s * 1e3}},
-        "eager_gemm_floor_ms": 6 * nvh / gemm * 1e3,
-        "design_floor_ms": 8 * nvh / device.gemm_flops_bf16 * 1e3,
-    }
-    if tiled_blocks:
-        block_n, block_v = tiled_blocks
-        atomic = (N / block_n) * V * H * 4 + (V / block_v) * N * H * 4
-        flops = 8 * nvh
-        slow, fast = device.l2_reduction_bytes_per_s
-        out["tiled"] = {"flops": flops, "atomic_bytes": atomic, "block_n": block_n, "block_v": block_v,
-                        "ms": {"gemm_floor": flops / gemm * 1e3,
-                               "atomics_alone": [atomic / fast * 1e3, atomic / slow * 1e3],
-                               # GEMM work at the floor plus the reductions (they share L2 and SMs).
-                               "predicted": [(flops / gemm + atomic / fast) * 1e3,
-                                             (flops / gemm + atomic / slow) * 1e3]}}
-        out["winner"] = "chunked" if chunked_s * 1e3 < out["tiled"]["ms"]["predicted"][0] else "tiled"
+    chunked_flops, chunked_bytes = 10 * nvh, (8 + 2 * 12) * nv
+    chunked = chunked_flops / gemm + chunked_bytes / device.hbm_bytes_per_s
+    out["chunked"] = {"flops": chunked_flops, "logit_bytes": chunked_bytes,
+                      "ms": {"gemm_floor": chunked_flops / gemm * 1e3, "predicted": chunked * 1e3},
+                      "before_no_cast_pass_ms": (chunked_flops / gemm + 48 * nv / device.hbm_bytes_per_s) * 1e3}
+    out["eager_gemm_floor_ms"] = 6 * nvh / gemm * 1e3
+    out["design_floor_ms"] = 8 * nvh / device.gemm_flops_bf16 * 1e3
+    if fwd_blocks and bwd_blocks:
+        fm, fn = fwd_blocks
+        bm, bn = bwd_blocks
+        f_rate = gemm_rate(fm, fn, elem, device)
+        b_rate = gemm_rate(bm, bn, elem, device)
+        fwd = [2 * nvh / r for r in f_rate]
+        operand_bytes = 2 * nvh * (bm + bn) * elem / (2 * bm * bn)  # one pass of operand tiles through L2
+        reductions = (N / bm) * V * H * 4 + (V / bn) * N * H * 4
+        bwd = [2 * nvh / r + operand_bytes / l2 + reductions / red
+               for r, l2, red in zip(b_rate, device.l2_bytes_per_s, device.l2_reduction_bytes_per_s)]
+        fast, slow = fwd[1] + bwd[1], fwd[0] + bwd[0]
+        out["tiled"] = {"flops": 8 * nvh, "reduction_bytes": reductions, "forward_tile": [fm, fn],
+                        "backward_tile": [bm, bn],
+                        "forward_pct_of_800_tflops": [100 * r / device.gemm_flops_bf16 for r in f_rate],
+                        "ms": {"gemm_floor": 8 * nvh / gemm * 1e3, "forward": [fwd[1] * 1e3, fwd[0] * 1e3],
+                               "backward": [bwd[1] * 1e3, bwd[0] * 1e3], "predicted": [fast * 1e3, slow * 1e3]}}
+        out["winner"] = "chunked" if chunked < fast else "tiled"
     return out
 
 
@@ -721,6 +750,9 @@ def collect(scenarios: Sequence[str], shapes: Shapes, progress=print) -> Dict[st
             continue
         try:
             row = analyze(launch, compile_launch(launch))
+            failure = launch_failure(launch)
+            if failure:
+                row["launch_error"] = failure
         except Exception as e:
             row = {"kernel": launch.fn.__name__, "scenario": launch.scenario, "error": f"{type(e).__name__}: {e}"[-4000:]}
         row["scenarios"] = [launch.scenario]
@@ -747,31 +779,32 @@ def _per8(k) -> Optional[float]:
 
 def models(kernels: List[Dict[str, Any]], masked_fraction: float = BENCH_MASKED_FRACTION,
            device: DeviceModel = H100) -> Dict[str, Any]:
-    """The op models at the DESIGN shapes, fed with the compiled kernels' loop counts."""
+    """The op models at the DESIGN shapes, fed with the compiled kernels' loops and tiles."""
     N, NL, V, H = (DESIGN_SHAPES[k] for k in ("tokens", "tokens_long", "vocab", "hidden"))
     elem = 2
     fwd = _find(kernels, "_grpo_logits_fwd_kernel", COMPUTE_ENTROPY="True")
     fwd_plain = _find(kernels, "_grpo_logits_fwd_kernel", COMPUTE_ENTROPY="False")
     bwd = _find(kernels, "_selective_log_softmax_bwd_kernel", HAS_DENTROPY="True", logits_ptr="*bf16/16")
     bwd_plain = _find(kernels, "_selective_log_softmax_bwd_kernel", HAS_DENTROPY="False", logits_ptr="*bf16/16")
-    out: Dict[str, Any] = {"assumptions": dataclasses.asdict(device) | {"masked_fraction": masked_fraction,
-                                                                        "label": PREDICTED}}
+    out: Dict[str, Any] = {"assumptions": dict(dataclasses.asdict(device), masked_fraction=masked_fraction,
+                                               label=PREDICTED)}
     for label, f, b in (("entropy", fwd, bwd), ("no_entropy", fwd_plain, bwd_plain)):
         for n_label, n in (("N16k", N), ("N128k", NL)):
-            for skip in (False, True):
-                key = f"grpo_loss/{label}/{n_label}/" + ("skip_masked_forward" if skip else "default")
-                out[key] = logits_path_model(n, V, elem, _per8(f), _per8(b), masked_fraction, skip, device)
-    two = _find(kernels, "_grpo_two_pass_fwd_kernel")
-    if two is not None:
-        resident = device.sms * (two.get("ctas_per_sm") or 1)
-        out["grpo_loss/two_pass/N16k"] = two_pass_model(N, V, elem, _per8(two), masked_fraction, resident, device)
-    tiled_bwd = _find(kernels, "_linear_lse_bwd_kernel", hidden="*bf16/16")
-    blocks = None
-    if tiled_bwd is not None:
-        spec = tiled_bwd["specialization"]
-        blocks = (int(spec["BLOCK_N"]), int(spec["BLOCK_V"]))
+            for mode, skip in (("skip_masked", True), ("read_masked", False)):
+                out[f"grpo_loss/{label}/{n_label}/{mode}"] = logits_path_model(
+                    n, V, elem, f, b, masked_fraction, skip, device)
+    out["grpo_loss/two_pass/l2_check"] = two_pass_l2_check(V, elem, (1, 2, (fwd or {}).get("ctas_per_sm") or 8), device)
+
+    def blocks(kernel):
+        if kernel is None:
+            return None
+        spec = kernel["specialization"]
+        return int(spec["BLOCK_N"]), int(spec["BLOCK_V"])
+
+    tiled_fwd = blocks(_find(kernels, "_linear_lse_fwd_kernel", hidden="*bf16/16"))
+    tiled_bwd = blocks(_find(kernels, "_linear_lse_bwd_kernel", hidden="*bf16/16"))
     for n_label, n in (("N16k", N), ("N128k", NL)):
-        out[f"linear_grpo_loss/{n_label}"] = linear_model(n, V, H, elem, blocks, device)
+        out[f"linear_grpo_loss/{n_label}"] = linear_model(n, V, H, elem, tiled_fwd, tiled_bwd, device)
     B = DESIGN_SHAPES["rewards"]
     adv_bytes = B * (4 + 4 + 4 + 8)  # rewards in; advantages, combined rewards, group index out
     out["group_advantages/1M"] = {"bytes": adv_bytes, "ms": {"floor": adv_bytes / device.hbm_bytes_per_s * 1e3}}
@@ -807,6 +840,7 @@ def build_report(scenarios: Sequence[str], shapes: Shapes, masked_fraction: floa
         "target": "sm_90a",
         "design_shapes": DESIGN_SHAPES,
         "recorded_tokens": shapes.tokens,
+        "recorded_hidden": shapes.hidden,
         "scenarios": {name: {"op": SCENARIOS[name][0], "description": SCENARIOS[name][1]} for name in scenarios},
         "kernels": collected["kernels"],
         "errors": collected["errors"],
@@ -845,29 +879,31 @@ def kernel_table(report: Dict[str, Any]) -> str:
 
 def model_table(report: Dict[str, Any]) -> str:
     m = report["models"]
-    rows = [f"| op (N = 16384, V = 151936, H = 3584, bf16) | bytes / FLOPs | floor | {PREDICTED} |",
-            "|---|---:|---:|---:|"]
-    for label in ("entropy", "no_entropy"):
-        for mode in ("default", "skip_masked_forward"):
-            x = m.get(f"grpo_loss/{label}/N16k/{mode}")
-            if x:
-                rows.append(f"| grpo_loss fwd+bwd, {label.replace('_', ' ')}, {mode.replace('_', ' ')} | "
-                            f"{x['bytes']['total'] / 1e9:.2f} GB | {x['ms']['floor_of_this_byte_model']:.2f} ms "
-                            f"(DESIGN floor {x['ms']['design_floor']:.2f} ms) | {x['ms']['predicted']:.2f} ms |")
-    x = m.get("grpo_loss/two_pass/N16k")
-    if x:
-        rows.append(f"| grpo_loss two-pass (opt-in) | {x['bytes']['total'] / 1e9:.2f} GB | {x['ms']['floor']:.2f} ms | "
-                    f"{x['ms']['predicted']:.2f} ms |")
-    x = m.get("linear_grpo_loss/N16k")
-    if x:
+    rows = [f"| op (V = 151936, H = 3584, bf16; 25 % of positions masked) | N | bytes / FLOPs | floor | "
+            f"{PREDICTED} |", "|---|---:|---:|---:|---:|"]
+    for n_label, n in (("N16k", 16384), ("N128k", 131072)):
+        for label in ("entropy", "no_entropy"):
+            for mode in ("skip_masked", "read_masked"):
+                x = m.get(f"grpo_loss/{label}/{n_label}/{mode}")
+                if x:
+                    rows.append(
+                        f"| grpo_loss fwd+bwd, {label.replace('_', ' ')}, masked rows "
+                        f"{'skipped' if mode == 'skip_masked' else 'read'} | {n} | {x['bytes']['total'] / 1e9:.2f} GB | "
+                        f"{x['ms']['floor']:.2f} ms (DESIGN 3-pass floor {x['ms']['design_floor']:.2f} ms) | "
+                        f"{x['ms']['predicted']:.2f} ms ({x['bound']}-bound) |")
+    for n_label, n in (("N16k", 16384), ("N128k", 131072)):
+        x = m.get(f"linear_grpo_loss/{n_label}")
+        if not x:
+            continue
         c = x["chunked"]
-        rows.append(f"| linear_grpo_loss chunked | {c['flops'] / 1e12:.0f} TFLOP + {c['logit_bytes'] / 1e9:.0f} GB | "
+        rows.append(f"| linear_grpo_loss chunked | {n} | {c['flops'] / 1e12:.0f} TFLOP + {c['logit_bytes'] / 1e9:.0f} GB | "
                     f"{c['ms']['gemm_floor']:.0f} ms | {c['ms']['predicted']:.0f} ms |")
         if "tiled" in x:
             t = x["tiled"]
-            rows.append(f"| linear_grpo_loss tiled | {t['flops'] / 1e12:.0f} TFLOP + {t['atomic_bytes'] / 1e9:.0f} GB "
-                        f"of L2 reductions | {t['ms']['gemm_floor']:.0f} ms | "
-                        f"{t['ms']['predicted'][0]:.0f}-{t['ms']['predicted'][1]:.0f} ms |")
+            rows.append(f"| linear_grpo_loss tiled ({t['backward_tile'][0]} x {t['backward_tile'][1]} tiles) | {n} | "
+                        f"{t['flops'] / 1e12:.0f} TFLOP + {t['reduction_bytes'] / 1e9:.0f} GB of L2 reductions | "
+                        f"{t['ms']['gemm_floor']:.0f} ms | {t['ms']['predicted'][0]:.0f}-{t['ms']['predicted'][1]:.0f} ms |")
+            rows.append(f"| linear_grpo_loss `strategy=\"auto\"` | {n} | | | {x['winner']} |")
     return "\n".join(rows)
 
 
@@ -882,7 +918,8 @@ def render(report: Dict[str, Any]) -> str:
 
 
 def _child(args) -> int:
-    report = build_report(args.scenarios, Shapes(tokens=args.record_tokens), args.masked_fraction,
+    shapes = Shapes(tokens=args.record_tokens, hidden=args.hidden or DESIGN_SHAPES["hidden"])
+    report = build_report(args.scenarios, shapes, args.masked_fraction,
                           progress=lambda s: print(s, file=sys.stderr, flush=True))
     with open(args.child_out, "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -891,16 +928,18 @@ def _child(args) -> int:
 
 def run_child(scenarios: Sequence[str], record_tokens: int = RECORD_TOKENS,
               masked_fraction: float = BENCH_MASKED_FRACTION, timeout: float = CHILD_TIMEOUT_S,
-              quiet: bool = False) -> Dict[str, Any]:
+              quiet: bool = False, hidden: Optional[int] = None) -> Dict[str, Any]:
     """The report of ``scenarios``, built in a fresh process without ``TRITON_INTERPRET`` and with a
-    cold Triton cache (every kernel really compiles, and ptxas' log is there to read)."""
+    cold Triton cache (every kernel really compiles, and ptxas' log is there to read). ``hidden``
+    overrides H of the recorded linear launches (a runtime loop bound and stride to the kernels:
+    any multiple of 16 compiles to the same binary as 3584; the models keep the DESIGN H)."""
     with tempfile.TemporaryDirectory(prefix="grpo-fused-static-") as work:
         out = os.path.join(work, "report.json")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = os.path.join(work, "triton-cache")
         cmd = [sys.executable, "-m", "grpo_fused.benchmarks.static_report", "--child-out", out,
                "--record-tokens", str(record_tokens), "--masked-fraction", str(masked_fraction),
-               "--scenarios", *scenarios]
+               "--scenarios", *scenarios] + (["--hidden", str(hidden)] if hidden else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if not quiet and proc.stderr:
             print(proc.stderr, file=sys.stderr, end="")
@@ -917,6 +956,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="tokens of the recorded launches (a runtime int to the kernels; the models use N = 16384)")
     parser.add_argument("--masked-fraction", type=float, default=BENCH_MASKED_FRACTION,
                         help="fraction of masked positions in the byte models (the bench's mask: 0.25)")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="H of the recorded linear launches (default 3584; any multiple of 16 compiles the same)")
     parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the JSON goes")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -927,7 +968,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if missing:
         print(f"static report: skipped ({missing})", file=sys.stderr)
         return 0
-    report = run_child(args.scenarios, args.record_tokens, args.masked_fraction)
+    report = run_child(args.scenarios, args.record_tokens, args.masked_fraction, hidden=args.hidden)
     print(render(report))
     if not args.no_save:
         os.makedirs(args.out_dir, exist_ok=True)
