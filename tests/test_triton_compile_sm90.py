@@ -6,21 +6,23 @@ misuse, ops with no lowering, pointer arithmetic of the wrong width. Triton's wh
 ``ptxas``, so the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) runs on any machine.
 
 How: a child process, started without ``TRITON_INTERPRET`` (conftest sets it for this process
-and Triton reads it once at import), replaces ``JITFunction.run`` by a recorder and calls the
-real launchers (``vocab_fwd`` / ``vocab_bwd``, ``grpo_fwd``, ``Tiled.forward`` /
-``Tiled.backward``, ``group_stats``) on small CPU tensors with the GPU launch configuration.
-Nothing runs; each recorded launch (its arguments, constexprs and ``num_warps`` / ``num_stages``
-exactly as the launcher produced them, after ``@triton.heuristics``) becomes an ``ASTSource``
-compiled by ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``. Pointers are marked
-16-byte divisible as Triton's own launch marks them (torch allocations are), except in the
-variant that reads a deliberately misaligned slice.
+and Triton reads it once at import), records the launches of the real launchers
+(``vocab_fwd`` / ``vocab_bwd``, ``grpo_fwd``, ``Tiled.forward`` / ``Tiled.backward``,
+``group_stats``) on small CPU tensors with the GPU launch configuration, and compiles each for
+sm_90a, with the machinery of :mod:`grpo_fused.benchmarks.static_report` (its one home):
+``record_launches``, ``ast_source`` (the specialization Triton's own launch computes: 16-byte
+divisible pointers and integers, unit strides as constants), ``compile_launch`` (ptxas' log
+captured) and ``launch_failure`` (Triton's generated argument binder, which a parameter named
+``params`` breaks on every GPU launch). The misaligned variant reads a deliberately misaligned
+slice.
 
 The variants cover, per kernel: bf16, fp16, fp32 and fp64 inputs, every ``HAS_*`` / ``NEED_*``
 / boolean constexpr on and off, every surrogate / KL / scale code, and the default block sizes
-(vocabs of 32000 and 32001 for the 2048-wide tile, the tiled linear path's GPU ``TiledConfig()``,
-group tiles of ``TILE_ELEMENTS``) -- a covering subset, not the full product: 29 compiles, about
-40 s on two cores. Where the logits rows are 16-byte aligned, the streaming kernels' PTX must
-also read them with 16-byte vector loads.
+(vocabs of 32000 and 32001 for the 2048-wide tile, the tiled linear path's GPU configs per dtype,
+group tiles of ``TILE_ELEMENTS``) -- a covering subset, not the full product: about 30 compiles,
+about 40 s on two cores. No compiled kernel spills; where the logits rows are 16-byte aligned,
+the streaming kernels' PTX must also read them with 16-byte vector loads. (The public ops at the
+DESIGN shapes, with SASS counts, are tests/test_static_report.py's.)
 
 Run directly (``python tests/test_triton_compile_sm90.py OUT.json``) it is the child.
 """
@@ -113,7 +115,7 @@ def _linear_pass(dtype_name: str, bias: bool, entropy: bool, dlogps: bool, dentr
         L = m["linear_tiled"]
         dtype = getattr(torch, dtype_name)
         N, H, V = 37, 96, 1001
-        cfg = L.default_config(torch.device("cuda"))  # the GPU config; reads no device
+        cfg = L.default_config(torch.device("cuda"), dtype)  # the GPU config of this dtype; reads no device
         hidden = torch.zeros(N, H, dtype=dtype)
         weight = torch.zeros(V, H, dtype=dtype)
         b = torch.zeros(V, dtype=dtype) if bias else None
@@ -197,52 +199,6 @@ VARIANTS: Dict[str, Callable] = {
 # Child: record the launches, compile them for sm_90.
 # --------------------------------------------------------------------------------------
 
-_TORCH_TO_TRITON = {
-    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
-    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1",
-}
-
-
-def _ast_source(fn, args, kwargs):
-    """``(ASTSource, options, summary)`` of one recorded launch, typed as Triton types a launch.
-
-    Tensors are pointers to their dtype (16-byte divisible when their address is), ints are
-    i32 unless they need i64 (divisible by 16 when they are), Python floats fp32, bools i1;
-    constexpr parameters and None arguments are constants. Keyword arguments that are not
-    parameters (num_warps, num_stages, num_ctas) are compile options.
-    """
-    import torch
-    from triton.compiler import ASTSource
-
-    values = dict(zip(fn.arg_names, args))
-    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    signature, constexprs, attrs, summary = {}, {}, {}, {}
-    divisible = [["tt.divisibility", 16]]
-    for index, param in enumerate(fn.params):
-        value = values[param.name]
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[(index,)] = value
-            summary[param.name] = repr(value)
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
-            if value.data_ptr() % 16 == 0:
-                attrs[(index,)] = divisible
-            summary[param.name] = signature[param.name]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = divisible
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {param.name} of unexpected type {type(value).__name__}")
-    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
-    return ASTSource(fn, signature, constexprs, attrs), options, summary
-
-
 def _jit_functions(module):
     """``{name: JITFunction}`` defined in ``module`` (``@triton.heuristics`` wrappers unwrapped)."""
     from triton.runtime.jit import JITFunction
@@ -276,41 +232,32 @@ def child_main(out_path: str) -> None:
 
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "the child must run the real compiler"
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import JITFunction
 
-    recorded = []
+    from grpo_fused.benchmarks import static_report as R
 
-    def record(self, *args, grid, warmup, **kwargs):
-        recorded.append((self, args, kwargs))
-
-    # Launchers reach the kernel through wrap_triton and @triton.heuristics; both end here.
-    JITFunction.run = record
     modules = {name: importlib.import_module(f"grpo_fused.kernels.{name}") for name in KERNEL_MODULES}
-    target = GPUTarget(*TARGET)
     results = []
     for variant, launch in VARIANTS.items():
-        recorded.clear()
         try:
-            launch(modules)
+            with R.record_launches(variant) as recorded:
+                launch(modules)
         except Exception as e:  # a launcher bug is a failure of this variant, reported below
             results.append({"variant": variant, "kernel": None, "ok": False, "error": f"launcher: {e!r}"})
             continue
         if not recorded:
             results.append({"variant": variant, "kernel": None, "ok": False, "error": "no kernel launched"})
-        for fn, args, kwargs in list(recorded):
-            row = {"variant": variant, "kernel": fn.__name__, "ok": False}
+        for rec in recorded:
+            row = {"variant": variant, "kernel": rec.fn.__name__, "ok": False}
             start = time.perf_counter()
             try:
-                src, options, row["args"] = _ast_source(fn, args, kwargs)
-                row["options"] = options
-                compiled = triton.compile(src, target=target, options=options)
-                cubin = compiled.asm.get("cubin", b"")
-                # (n_regs / n_spills are filled in only when a GPU loads the binary; ptxas prints
-                # them with TRITON_DUMP_PTXAS_LOG=1.)
-                row.update(ok=len(cubin) > 0, cubin_bytes=len(cubin), shared=compiled.metadata.shared)
-                row["wide_loads"] = len(re.findall(r"ld\.global[\w.]*\.v4\.b32", compiled.asm.get("ptx", "")))
-                if not cubin:
+                _, row["options"], row["args"] = R.ast_source(rec.fn, rec.args, rec.kwargs)
+                row["launch_error"] = R.launch_failure(rec)
+                compiled = R.compile_launch(rec)
+                spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", compiled.ptxas_log)
+                row.update(ok=len(compiled.cubin) > 0, cubin_bytes=len(compiled.cubin), shared=compiled.shared,
+                           spills=None if spill is None else int(spill.group(1)) + int(spill.group(2)))
+                row["wide_loads"] = len(re.findall(r"ld\.global[\w.]*\.v4\.b32", compiled.ptx))
+                if not compiled.cubin:
                     row["error"] = "no cubin produced"
             except Exception as e:  # the compiler's message is the point of the test
                 row["error"] = f"{type(e).__name__}: {e}"[-4000:]
@@ -320,7 +267,7 @@ def child_main(out_path: str) -> None:
     report = {"triton": triton.__version__, "results": results,
               "uncovered": _uncovered(modules, compiled_names)}
     with open(out_path, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(report, f, indent=1, default=str)
 
 
 # --------------------------------------------------------------------------------------
@@ -378,6 +325,9 @@ def test_variant_compiles_for_sm90(compile_report, variant):
     assert not failures, f"{variant} does not compile for sm_90:\n" + "\n\n".join(failures)
     for r in rows:
         assert r["cubin_bytes"] > 0, f"{variant}/{r['kernel']}: empty cubin"
+        # Triton's launch binds the arguments before compiling; a bad parameter name fails there.
+        assert r["launch_error"] is None, f"{variant}/{r['kernel']}: the GPU launch would fail: {r['launch_error']}"
+        assert r["spills"] == 0, f"{variant}/{r['kernel']}: spills {r['spills']} bytes (ptxas -v)"
 
 
 def test_every_jitted_function_is_compiled(compile_report):
@@ -386,7 +336,8 @@ def test_every_jitted_function_is_compiled(compile_report):
 
 
 def _seen(compile_report, kernel, arg):
-    return {r["args"][arg] for r in compile_report["results"] if r["kernel"] == kernel and "args" in r}
+    # (The specialization summary marks 16-byte divisible pointers "*bf16/16": the dtype is compared.)
+    return {r["args"][arg].split("/")[0] for r in compile_report["results"] if r["kernel"] == kernel and "args" in r}
 
 
 # What the variants must have compiled each kernel with; a variant edited away fails here.
@@ -406,12 +357,14 @@ EXPECTED_COVERAGE = {
             "HAS_DELTA", "HAS_DUAL_CLIP", "CISPO_TWO_SIDED", "BIAS_CORRECT_KL", "HAS_OLD", "HAS_KL",
             "HAS_IS_WEIGHTS", "HAS_ENTROPY_BONUS", "COMPUTE_ENTROPY")},
     },
+    # GPU configs: 128 x 128 x 64 (backward: x 32) for bf16 / fp16 (wgmma), 64 x 128 x 32 for fp32 /
+    # fp64 (FMA dot).
     "_linear_lse_fwd_kernel": {
         "hidden": {"*bf16", "*fp16", "*fp32"}, "HAS_BIAS": {"True", "False"}, "HAS_ENTROPY": {"True", "False"},
-        "BLOCK_N": {"64"}, "BLOCK_V": {"128"}, "BLOCK_H": {"64"},
+        "BLOCK_N": {"128", "64"}, "BLOCK_V": {"128"}, "BLOCK_H": {"64", "32"},
     },
     "_linear_lse_bwd_kernel": {
-        "hidden": {"*bf16", "*fp16", "*fp32"}, "BLOCK_N": {"64"}, "BLOCK_V": {"128"}, "BLOCK_H": {"64"},
+        "hidden": {"*bf16", "*fp16", "*fp32"}, "BLOCK_N": {"128", "64"}, "BLOCK_V": {"128"}, "BLOCK_H": {"32"},
         **{flag: {"True", "False"} for flag in (
             "HAS_BIAS", "HAS_DLOGPS", "HAS_DENTROPY", "NEED_DHIDDEN", "NEED_DWEIGHT", "NEED_DBIAS", "FILTER")},
     },
