@@ -333,6 +333,7 @@ BYPASS_CASES = [
     dict(rollout_is="sequence", rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=True),
     dict(rollout_is=None, rollout_rs="token_k2,seq_mean_k1", rollout_rs_threshold="0.1,0.7_1.3"),
     dict(rollout_is="token", rollout_is_threshold=2.0, rollout_rs="seq_max_k3", rollout_rs_threshold=0.08),
+    dict(rollout_is="token", rollout_is_threshold=None),  # a None threshold turns IS off, as in verl
 ]
 
 

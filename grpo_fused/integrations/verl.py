@@ -137,6 +137,17 @@ def _get(config, name: str, default=None):
     return default if value is None else value
 
 
+def _lookup(config, name: str, default=None):
+    """``config.get(name, default)`` as verl calls it on its configs: a present key's value, None
+    included; ``default`` only when the key is absent."""
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    try:
+        return getattr(config, name)
+    except (AttributeError, KeyError):
+        return default
+
+
 def _require_config(config, what: str = "clip_ratio, clip_ratio_low, ..."):
     if config is None:
         raise ValueError(f"config is required: verl's ActorConfig (or a mapping with {what})")
@@ -512,17 +523,18 @@ def compute_policy_loss_bypass_mode(call: _Call):
     if correction is None:
         raise ValueError("rollout_correction config not found in policy_loss; bypass_mode needs "
                          "config.policy_loss.rollout_correction")
-    loss_type = _get(correction, "loss_type", "ppo_clip")
+    # Read as verl reads them: a field set to None stays None (rollout_is_threshold=None turns IS off).
+    loss_type = _lookup(correction, "loss_type", "ppo_clip")
     if loss_type not in ("reinforce", "ppo_clip"):
         raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
     with torch.no_grad():
         weights, mask, rollout_metrics = _rollout_correction(
             call.log_prob.detach(), call.old_log_prob, call.response_mask,
-            rollout_is=_get(correction, "rollout_is", None),
-            rollout_is_threshold=_get(correction, "rollout_is_threshold", 2.0),
-            rollout_is_batch_normalize=_get(correction, "rollout_is_batch_normalize", False),
-            rollout_rs=_get(correction, "rollout_rs", None),
-            rollout_rs_threshold=_get(correction, "rollout_rs_threshold", None),
+            rollout_is=_lookup(correction, "rollout_is", None),
+            rollout_is_threshold=_lookup(correction, "rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=bool(_lookup(correction, "rollout_is_batch_normalize", False)),
+            rollout_rs=_lookup(correction, "rollout_rs", None),
+            rollout_rs_threshold=_lookup(correction, "rollout_rs_threshold", None),
         )
     if loss_type == "reinforce":
         inner = _Call(call.old_log_prob, call.log_prob, call.advantages, mask.to(call.log_prob.dtype), mask,
