@@ -182,11 +182,13 @@ def _linear_lse_bwd_kernel(
         # coefficients instead of three live tiles (the 128 x 128 tile fits its registers).
         coef = g[:, None]
         if HAS_DENTROPY:
-            # d entropy / dz_j = -p_j * (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - entropy; z
-            # floored so that p = 0 past the vocab never meets -inf (0 * -inf = NaN).
+            # d entropy / dz_j = -p_j * (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - entropy. z is
+            # floored at lse - 200, where p = exp(z - lse) is already exactly 0 in fp32, so that a
+            # -inf logit (past the vocab, a -inf bias) gives 0 * finite, never 0 * -inf = NaN.
             g_ent = tl.load(dentropy + rows64, mask=row_ok, other=0.0)
             row_ent = tl.load(entropy + rows64, mask=row_ok, other=0.0)
-            coef = coef + g_ent[:, None] * (tl.maximum(z, -3.0e38) - (row_lse - row_ent)[:, None])
+            z_floor = tl.maximum(z, (row_lse - 200.0)[:, None])
+            coef = coef + g_ent[:, None] * (z_floor - (row_lse - row_ent)[:, None])
         dlogits = (tl.where(is_target, g[:, None], 0.0) - p * coef) * inv_temperature
         if NEED_DBIAS:
             tl.atomic_add(dbias + cols64, tl.sum(dlogits, 0), mask=col_ok, sem="relaxed")

@@ -260,3 +260,26 @@ def test_linear_path_with_zero_hidden_size(strategy):
     torch.testing.assert_close(out.loss, want.loss)
     out.loss.backward()
     assert w.grad.shape == (5, 0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_tiled_entropy_gradient_is_finite_past_the_vocab(scale):
+    # V = 37 leaves most of a logit tile past the vocab (z = -inf there) and a -inf bias column
+    # masks one more: with an entropy gradient above 1, a floor of -3e38 overflowed to -inf and
+    # 0 * -inf put NaN into every row of dhidden.
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 3, 16, generator=g).to(DEVICE).requires_grad_()
+    weight = torch.randn(V, 16, generator=g).to(DEVICE).requires_grad_()
+    bias = torch.zeros(V, device=DEVICE)
+    bias[4] = float("-inf")
+    ids = torch.randint(5, V, (2, 3), generator=g).to(DEVICE)
+    logps, entropy = gf.linear_log_softmax(hidden, weight, ids, compute_entropy=True, bias=bias, strategy="tiled",
+                                           backend="triton")
+    (logps.sum() + scale * entropy.sum()).backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want_logps, want_entropy = gf.linear_log_softmax(h64, w64, ids, compute_entropy=True, bias=bias.double(),
+                                                     backend="reference")
+    (want_logps.sum() + scale * want_entropy.sum()).backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
