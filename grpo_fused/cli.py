@@ -8,6 +8,9 @@ Subcommands:
   Prints a table, writes ``bench-<device>-<date>.json`` under ``--out-dir``.
 * ``profile-memory``: peak memory of one fwd+bwd per implementation over sequence lengths
   (1k to 128k tokens on GPU, 128 to 1024 on CPU); writes JSON and a PNG plot.
+* ``static-report``: compiles the Triton kernels for sm_90a at the DESIGN shapes (no GPU needed),
+  reads their SASS and writes predicted times (:mod:`grpo_fused.benchmarks.static_report`; it
+  takes that module's arguments, ``--help`` lists them).
 * ``train``: forwards its arguments to ``grpo_fused.trainer.main(argv)``.
 
 Shapes default to DESIGN.md's reference shapes on a GPU and to small fp32 shapes on CPU.
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--seq-lens", type=_ints, default=None,
                      help="comma-separated T values (default: 1024..131072 on GPU, 128..1024 on CPU)")
 
+    sub.add_parser("static-report", help="sm_90a compile + SASS report of the Triton kernels, predicted times",
+                   add_help=False)
     train = sub.add_parser("train", help="run grpo_fused.trainer with the remaining arguments", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -332,6 +337,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "train":
         # Everything after "train" belongs to the trainer, --help included.
         return cmd_train(argv[1:])
+    if argv and argv[0] == "static-report":
+        from .benchmarks import static_report  # its own parser: everything after the name is its
+
+        return int(static_report.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     command = cmd_bench if args.command == "bench" else cmd_profile_memory
     return run_checked(f"grpo-fused {args.command}", command, args)

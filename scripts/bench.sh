@@ -8,6 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh bench
-.venv/bin/python -m grpo_fused.benchmarks.static_report  # sm_90a compile + SASS report, predicted times (no GPU needed)
+.venv/bin/grpo-fused static-report  # sm_90a compile + SASS report, predicted times (no GPU needed)
 .venv/bin/grpo-fused bench "$@"
 .venv/bin/grpo-fused profile-memory "$@"

@@ -244,3 +244,19 @@ def test_bench_inputs_are_a_realistic_off_policy_batch(op):
     lengths = x["completion_mask"].sum(-1)
     assert ((lengths >= 20) & (lengths <= 41)).all()
     assert [t.shape for t in bm.leaves(x)] == ([(3, 42, 257)] if op == "logits" else [(3, 41, 16), (257, 16)])
+
+
+def test_static_report_forwards_its_arguments(monkeypatch):
+    from grpo_fused.benchmarks import static_report
+
+    seen = []
+    monkeypatch.setattr(static_report, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["static-report", "--scenarios", "group-advantages", "--no-save"]) == 0
+    assert seen == [["--scenarios", "group-advantages", "--no-save"]]
+
+
+def test_static_report_bad_argument_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["static-report", "--scenarios", "no-such-scenario"])
+    assert exit_info.value.code == 2
+    assert "--scenarios" in capsys.readouterr().err
