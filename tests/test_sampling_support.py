@@ -192,6 +192,17 @@ def test_replayed_ratio_is_one_where_the_full_softmax_ratio_is_the_kept_mass():
     torch.testing.assert_close(torch.exp(plain.logps - rollout), kept_mass, rtol=0, atol=1e-12)
 
 
+def test_readme_worked_example():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -2.0]], dtype=torch.float64)
+    ids = torch.tensor([1])
+    full, _ = R.selective_log_softmax(logits, ids)
+    replay, _ = R.selective_log_softmax(logits, ids, top_p=0.8)
+    assert R.sampling_support(logits, SamplingRule(top_p=0.8)).tolist() == [[True, True, False, False, False]]
+    assert float(replay.exp()) == pytest.approx(0.2689, abs=1e-4)
+    assert float(full.exp()) == pytest.approx(0.2217, abs=1e-4)
+    assert float((full - replay).exp()) == pytest.approx(0.8245, abs=1e-4)
+
+
 def test_outside_support_token_leaves_the_loss_and_is_counted():
     B, T, V = 2, 4, 20
     logits = _rows(B * T, V, 2.0, seed=17).view(B, T, V).requires_grad_()

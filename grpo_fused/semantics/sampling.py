@@ -22,9 +22,17 @@ exactly ``k`` tokens as vLLM's Triton top-k/top-p kernel does (its CUDA default)
 walk meets tied tokens lowest id first. ``top_k_ties="all"`` keeps every token tied with the
 ``k``-th instead, as vLLM's PyTorch path (``apply_top_k_top_p_pytorch``) does.
 
-Kernels read the numbers as data (the ``TOP_K``, ``TOP_P`` and ``MIN_P`` slots of
+Kernels read the numbers as data (the ``TOP_K``, ``TOP_P`` and ``LOG_MIN_P`` slots of
 :class:`~grpo_fused.semantics.Slot`, a new ``top_p`` compiles nothing) and specialize on
 :attr:`Option.SAMPLING_SUPPORT` and :attr:`Option.TOP_K_ALL_TIES` only.
+
+**Kernel form.** Every stage keeps a prefix of the order (descending ``z``, then ascending id), so
+the support of a row is one cutoff ``(tau, ties_kept)``: token ``v`` is kept when ``z[v] > tau``, or
+``z[v] == tau`` and fewer than ``ties_kept`` tokens with ``z == tau`` have a lower id. A kernel finds
+the cutoff with a bounded number of sweeps over the row (no sort, no ``(N, V)`` mask), in the
+compute dtype, from ``z`` computed exactly as its vocabulary pass computes it; the top-p mass is
+then summed in that dtype, so a token whose preceding mass lies within rounding of ``p`` may fall
+on the other side than in the float64 reference.
 """
 
 from __future__ import annotations
