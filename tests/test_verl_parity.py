@@ -427,3 +427,57 @@ def test_register_with_verl_prefix_keeps_verls_losses():
     finally:
         gf_verl.unpatch_verl()
     assert core_algos.POLICY_LOSS_REGISTRY == before
+
+
+# --------------------------------------------------------------------------------------
+# Sampling-support replay (opt-in).
+# --------------------------------------------------------------------------------------
+
+
+def test_sampling_rule_from_verls_rollout_config():
+    from verl.workers.config import RolloutConfig
+
+    rule = gf_verl.sampling_rule_from_verl_rollout(RolloutConfig(name="vllm", top_k=20, top_p=0.9))
+    assert rule == gf_verl.SamplingRule(top_k=20, top_p=0.9)  # vLLM: exactly k, ties lowest id first
+    assert not gf_verl.sampling_rule_from_verl_rollout(RolloutConfig(name="vllm")).active  # verl's defaults: off
+    assert gf_verl.sampling_rule_from_verl_rollout(RolloutConfig(name="vllm", do_sample=False)) == \
+        gf_verl.SamplingRule(top_k=1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        gf_verl.sampling_rule_from_verl_rollout(RolloutConfig(name="vllm", repetition_penalty=1.2))
+
+
+def test_policy_passes_replay_the_rollout_rule_and_the_reference_pass_does_not():
+    from grpo_fused import reference
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 40, (2, 5), generator=g)
+    rollout = types.SimpleNamespace(top_k=6, top_p=0.9, do_sample=True, repetition_penalty=1.0)
+
+    class Worker:  # verl's worker, as far as the wrapper reads it
+        config = types.SimpleNamespace(rollout=rollout)
+
+        def compute_log_prob(self):
+            return gf_verl.linear_cross_entropy(hidden, weight, labels, 0.8, backend="reference")
+
+        compute_ref_log_prob = compute_log_prob
+
+    policy_pass = gf_verl._policy_pass(Worker.compute_log_prob)
+    logprobs, entropy = policy_pass(Worker())
+    logits = reference.linear_logits(hidden, weight).reshape(-1, 40)
+    want, want_entropy = reference.selective_log_softmax(logits, labels.reshape(-1), 0.8, True, top_k=6, top_p=0.9)
+    torch.testing.assert_close(logprobs, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-12)
+    assert bool(torch.isneginf(logprobs).any())  # some labels lie outside the support
+    full, _ = Worker().compute_ref_log_prob()  # outside a policy pass: the full softmax
+    torch.testing.assert_close(full, reference.selective_log_softmax(logits, labels.reshape(-1), 0.8)[0],
+                               rtol=0, atol=1e-12)
+    assert policy_pass.__name__ == "compute_log_prob"
+
+
+def test_sampling_support_over_a_vocab_parallel_head_raises():
+    with gf_verl.sampling_support(gf_verl.SamplingRule(top_p=0.9)):
+        with pytest.raises(NotImplementedError, match="vocab-parallel"):
+            gf_verl.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                         dist_process_group=object())

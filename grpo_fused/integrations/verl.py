@@ -60,10 +60,21 @@ comma-chained), with verl's ``rollout_corr/...`` metrics and off-policy diagnost
 dist_process_group) -> (logprobs, entropy)``, with a vocab-parallel lm_head through
 :func:`grpo_fused.distributed.vocab_parallel_linear_log_softmax`; :class:`FusedLinearForPPO`
 follows verl's torch-backend module. :func:`kl_penalty` follows verl's ``kl_penalty`` names.
+
+**Sampling-support replay** (opt-in: ``patch_verl(sampling_support=True)``, or
+``GRPO_FUSED_SAMPLING_SUPPORT=1`` next to ``GRPO_FUSED_PATCH_VERL=1``): the actor's log-prob passes
+(``compute_log_prob`` for the old log-probs, ``update_actor``) score tokens under the truncation
+vLLM sampled them with, read from the worker's ``rollout`` config (``top_k``, ``top_p``, ``min_p``
+when present; ``do_sample=False`` is top-k 1), so the ratio against vLLM's processed rollout
+log-probs compares like with like; the reference's pass (``compute_ref_log_prob``) keeps the full
+softmax. :func:`sampling_support` applies a rule to the fused log-prob calls of a block by hand.
+A vocab-parallel lm_head (``dist_process_group``) has no sampling support yet: it raises.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib
@@ -76,7 +87,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import api
-from ..semantics import LOSS_AGG_MODES, GRPOConfig, grpo_loss_from_logps, kl_estimate
+from ..semantics import LOSS_AGG_MODES, GRPOConfig, SamplingRule, grpo_loss_from_logps, kl_estimate
 
 Tensor = torch.Tensor
 
@@ -1016,6 +1027,41 @@ class _ScaleGrad(torch.autograd.Function):
 
 REDUCTIONS = ("none", "sum", "mean")
 
+# The sampling rule the fused log-prob calls of the running block replay (None: the full softmax).
+_SAMPLING: contextvars.ContextVar[Optional[SamplingRule]] = contextvars.ContextVar("grpo_fused_verl_sampling",
+                                                                                   default=None)
+
+
+def sampling_rule_from_verl_rollout(rollout) -> SamplingRule:
+    """The truncation of verl's vLLM rollout (``actor_rollout_ref.rollout``): ``top_k`` (<= 0 off),
+    ``top_p`` (1 off), ``min_p`` (absent, None or 0 off), ``do_sample=False`` as top-k 1 (greedy: the
+    lowest id among tied maxima). ``ValueError`` for a ``repetition_penalty`` other than 1, which no
+    rule replays."""
+    if float(_get(rollout, "repetition_penalty", 1.0) or 1.0) != 1.0:
+        raise ValueError("sampling support cannot replay rollout.repetition_penalty != 1 (it depends on the tokens "
+                         "generated so far)")
+    if not _get(rollout, "do_sample", True):
+        return SamplingRule(top_k=1)
+    top_k, top_p, min_p = _get(rollout, "top_k", -1), _get(rollout, "top_p", 1.0), _get(rollout, "min_p", None)
+    return SamplingRule(
+        top_k=int(top_k) if top_k is not None and int(top_k) > 0 else None,
+        top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
+        min_p=float(min_p) if min_p else None,
+    )
+
+
+@contextlib.contextmanager
+def sampling_support(rule: Optional[SamplingRule]):
+    """Inside the block, :func:`linear_cross_entropy` and :class:`FusedLinearForPPO` score tokens
+    under ``rule`` (None or an inactive rule: the full softmax)."""
+    if rule is not None and not isinstance(rule, SamplingRule):
+        raise TypeError(f"rule must be a grpo_fused.SamplingRule or None, got {type(rule).__name__}")
+    token = _SAMPLING.set(rule if rule is not None and rule.active else None)
+    try:
+        yield
+    finally:
+        _SAMPLING.reset(token)
+
 
 def linear_cross_entropy(
     hidden: Tensor,
@@ -1063,9 +1109,15 @@ def linear_cross_entropy(
         raise ValueError(f"labels must hold one id per token of hidden {tuple(hidden.shape)}, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     hidden_2d, labels_1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rule = _SAMPLING.get()
     if dist_process_group is None:
+        sampling = {} if rule is None else dict(top_k=rule.top_k, top_p=rule.top_p, min_p=rule.min_p,
+                                                top_k_ties=rule.top_k_ties)
         logprobs, entropy = api.linear_log_softmax(hidden_2d, weight, labels_1d, float(temperature),
-                                                   compute_entropy=True, strategy=strategy, backend=backend)
+                                                   compute_entropy=True, strategy=strategy, backend=backend, **sampling)
+    elif rule is not None:
+        raise NotImplementedError(f"sampling support ({rule.describe()}) over a vocab-parallel lm_head "
+                                  "(dist_process_group) is not implemented")
     else:
         from ..distributed import vocab_parallel_linear_log_softmax
 
@@ -1148,6 +1200,36 @@ def _replace(module_name: str, attribute: str, value, *, only_if_loaded: bool = 
     return f"{module_name}.{attribute}"
 
 
+# The worker methods whose fused log-prob calls are the policy's (compute_ref_log_prob is not).
+POLICY_PASSES = ("compute_log_prob", "update_actor")
+
+
+def _class_key(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _replace_method(cls, name: str, value) -> str:
+    """``cls.name = value``, keeping the original for :func:`unpatch_verl`."""
+    key = (_class_key(cls), name)
+    if key not in _SAVED:
+        _SAVED[key] = cls.__dict__.get(name, _MISSING)
+    setattr(cls, name, value)
+    return f"{key[0]}.{name}"
+
+
+def _policy_pass(method):
+    """``method`` of verl's worker run under the rollout's sampling rule. ``functools.wraps`` keeps
+    the attributes verl's ``@register`` dispatch reads from the function."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with sampling_support(sampling_rule_from_verl_rollout(self.config.rollout)):
+            return method(self, *args, **kwargs)
+
+    run._grpo_fused_sampling = True
+    return run
+
+
 def _core_algos():
     try:
         from verl.trainer.ppo import core_algos
@@ -1182,7 +1264,7 @@ def register_with_verl(prefix: str = "fused_", kl: bool = True) -> List[str]:
 
 
 def patch_verl(*, policy_losses: bool = True, kl: bool = True, log_probs: bool = True, backend: str = "auto",
-               strategy: str = "auto") -> List[str]:
+               strategy: str = "auto", sampling_support: bool = False) -> List[str]:
     """Make verl 0.9.1's actor use grpo-fused: the one-line switch. Returns what was replaced.
 
     * ``policy_losses``: every loss of :data:`POLICY_LOSSES` registered under verl's own name, so
@@ -1194,6 +1276,8 @@ def patch_verl(*, policy_losses: bool = True, kl: bool = True, log_probs: bool =
       (``fused_kernel_options.impl_backend=triton``; Megatron's fused forward too, when loaded) and
       ``FusedLinearForPPO`` (``impl_backend=torch``), computed by grpo-fused's ``backend`` /
       ``strategy``.
+    * ``sampling_support``: the actor's ``compute_log_prob`` and ``update_actor`` replay the
+      rollout's truncation (see the module docstring); off by default.
 
     Idempotent; :func:`unpatch_verl` undoes it. Call it in every process that runs an actor (for
     verl's Ray workers: ``GRPO_FUSED_PATCH_VERL=1 VERL_USE_EXTERNAL_MODULES=grpo_fused.integrations.verl``).
@@ -1204,6 +1288,17 @@ def patch_verl(*, policy_losses: bool = True, kl: bool = True, log_probs: bool =
     if kl:
         patched += [n for n in (_replace("verl.trainer.ppo.core_algos", "kl_penalty", kl_penalty),
                                 _replace("verl.workers.utils.losses", "kl_penalty", kl_penalty, optional=True)) if n]
+    if sampling_support:
+        if not log_probs:
+            raise ValueError("sampling_support=True needs log_probs=True (it changes the fused log-prob calls)")
+        try:
+            worker = importlib.import_module("verl.workers.engine_workers").ActorRolloutRefWorker
+        except ImportError as exc:
+            raise ImportError(f"sampling_support=True wraps verl's ActorRolloutRefWorker, which could not be "
+                              f"imported ({exc}); verl's workers need Ray") from exc
+        for method in POLICY_PASSES:
+            original = _SAVED.get((_class_key(worker), method), worker.__dict__[method])  # idempotent
+            patched.append(_replace_method(worker, method, _policy_pass(original)))
     if log_probs:
         fused = functools.partial(linear_cross_entropy, strategy=strategy, backend=backend)
 
@@ -1236,14 +1331,22 @@ def unpatch_verl() -> None:
                 else:
                     registry[attribute] = original
         else:
-            module = sys.modules.get(module_name)
-            if module is not None:
+            owner = _loaded_owner(module_name)
+            if owner is not None:
                 if original is _MISSING:
-                    if hasattr(module, attribute):
-                        delattr(module, attribute)
+                    if attribute in vars(owner):
+                        delattr(owner, attribute)
                 else:
-                    setattr(module, attribute, original)
+                    setattr(owner, attribute, original)
         del _SAVED[(module_name, attribute)]
+
+
+def _loaded_owner(name: str):
+    """The loaded module ``name``, or the class ``module.Class`` named so; None when not loaded."""
+    if name in sys.modules:
+        return sys.modules[name]
+    module_name, _, class_name = name.rpartition(".")
+    return getattr(sys.modules.get(module_name), class_name, None) if module_name in sys.modules else None
 
 
 def _patch_from_environment() -> Optional[List[str]]:
@@ -1251,7 +1354,7 @@ def _patch_from_environment() -> Optional[List[str]]:
     opt-in that reaches verl's Ray workers through ``VERL_USE_EXTERNAL_MODULES``."""
     if os.environ.get("GRPO_FUSED_PATCH_VERL", "0") in ("", "0"):
         return None
-    return patch_verl()
+    return patch_verl(sampling_support=os.environ.get("GRPO_FUSED_SAMPLING_SUPPORT", "0") not in ("", "0"))
 
 
 _patch_from_environment()
