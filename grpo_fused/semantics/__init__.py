@@ -25,7 +25,8 @@ import torch
 from .advantages import AdvantageRequest
 from .config import GRPOConfig
 from .outputs import GroupStats, GRPOOutput
-from .params import Hyper, LossParams, LossSpec, NUM_SLOTS, Option, Slot, sampling_options, vocab_values
+from .params import (Hyper, LossParams, LossSpec, NUM_SLOTS, NUM_TAIL_SLOTS, Option, Slot, TailSlot, sampling_options,
+                     vocab_values)
 from .sampling import TOP_K_TIES, ExplicitSupport, SamplingRule
 from .reduction import entropy_weights, reduce_loss, reduce_tokens, token_weights
 from .table import *  # noqa: F401,F403  (the table's names, listed in its __all__)
@@ -43,7 +44,7 @@ __all__ = [
     "ADVANTAGE_SCALES", "AdvantageRequest", "AdvantageScale", "CLIP_METRICS", "ExplicitSupport", "GRPOConfig", "GRPOOutput",
     "GroupStats", "Hyper", "IS_LEVELS", "KLEstimator", "KL_ESTIMATOR_ALIASES", "KL_ESTIMATOR_NAMES",
     "LOSS_AGG_MODES", "LOSS_TYPES", "LOSS_TYPE_ALIASES", "LossBatch", "LossParams", "LossSpec", "LossType",
-    "NUM_SLOTS", "Normalizer", "Option", "SamplingRule", "Slot", "Surrogate", "TOP_K_TIES", "clip_flags", "compute_dtype", "entropy_weights",
+    "NUM_SLOTS", "NUM_TAIL_SLOTS", "Normalizer", "Option", "SamplingRule", "Slot", "Surrogate", "TOP_K_TIES", "TailSlot", "clip_flags", "compute_dtype", "entropy_weights",
     "grpo_loss_from_logps", "grpo_output", "importance_log_ratio", "kl_estimate", "loss_type_named", "masked",
     "masked_rows", "masked_sequence_mean", "metric_mean", "normalizer_of", "policy_token_loss", "reduce_loss",
     "reduce_tokens", "sampling_options", "token_metrics", "token_weights", "vocab_values",

@@ -23,7 +23,10 @@ class GRPOOutput:
         metrics: TRL metric names -> 0-dim tensors (no host sync): ``kl`` (beta != 0),
             ``entropy``, ``ratio``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
             ``clip_ratio/region_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clip
-            surrogates), ``cispo_clip_ratio`` (cispo).
+            surrogates), ``cispo_clip_ratio`` (cispo), ``dppo/masked_mean``, ``dppo/truncated_mean``
+            (dppo_tv, dppo_kl), ``clip_cov/cut_mean`` (clip_cov), ``kl_cov/penalized_mean`` (kl_cov),
+            ``abs_log_ratio`` (kl_cov), ``sampling/outside_support`` (a sampling support is set: the
+            fraction of masked-in tokens outside it).
     """
 
     loss: Tensor
