@@ -22,13 +22,15 @@ import torch.multiprocessing as mp
 
 from grpo_fused import GRPOConfig, reference
 from grpo_fused import distributed as gd
+from grpo_fused.semantics import compute_dtype
+
+from tolerance import ULPS_GRAD, ULPS_LOSS, ULPS_VALUE, assert_close_to_truth, dlogits_scale, logit_row_scale
 
 WORLD_SIZES = (2, 4)
 # V = 257 is prime: no world size divides it, so shards are ragged (129/128, 65/64/64/64).
 V, H = 257, 8
 # B = 4 sequences of T = 5 (N = 20 tokens); the last sequence is fully masked.
 B, T = 4, 5
-F64 = dict(rtol=1e-10, atol=1e-12)
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -84,10 +86,33 @@ def _full_logits(seed, dtype=torch.float64, extreme=False):
     return logits.to(dtype), ids
 
 
-def _assert_metrics(got, want, **tol):
-    assert got.keys() == want.keys(), (sorted(got), sorted(want))
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], equal_nan=True, msg=lambda m, k=k: f"metric {k}: {m}", **tol)
+def _assert_outputs(out, truth, eager, logits, temperature, loss_scale=None):
+    """Loss, metrics, logps and entropy against the float64 truth, with eager's error (None where
+    eager is the truth's own computation); logps and entropy per token (logit_row_scale), the
+    loss and metrics on ``loss_scale`` (default ``max(1, |value|)``)."""
+    def field(o, name):
+        return None if o is None else getattr(o, name)
+
+    assert_close_to_truth(out.loss, truth.loss, field(eager, "loss"), ulps=ULPS_LOSS, scale=loss_scale, what="loss")
+    scale = logit_row_scale(logits, temperature)
+    assert_close_to_truth(out.logps, truth.logps, field(eager, "logps"), ulps=ULPS_VALUE, scale=scale, what="logps")
+    if truth.entropy is None:
+        assert out.entropy is None
+    else:
+        assert_close_to_truth(out.entropy, truth.entropy, field(eager, "entropy"), ulps=ULPS_VALUE, scale=scale,
+                              what="entropy")
+    assert out.metrics.keys() == truth.metrics.keys(), (sorted(out.metrics), sorted(truth.metrics))
+    for k in truth.metrics:
+        assert_close_to_truth(out.metrics[k], truth.metrics[k], None if eager is None else eager.metrics[k],
+                              ulps=ULPS_LOSS, scale=loss_scale, what=f"metric {k}")
+
+
+def _quantized(inputs, dtype):
+    """The float inputs rounded to the compute dtype of ``dtype`` logits (as every backend reads
+    them), back in float64: the truth sees the inputs the computation sees."""
+    acc = compute_dtype(dtype)
+    return {k: v.to(acc).double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
 
 
 def _check_logits_loss(rank, world, group, config, *, seed=0, dtype=torch.float64, layout="even", explicit_start=False,
@@ -101,32 +126,28 @@ def _check_logits_loss(rank, world, group, config, *, seed=0, dtype=torch.float6
         shard, ids, vocab_start=start if explicit_start else None, process_group=group, config=config,
         chunk_size=chunk_size, **inputs, **(normalizers or {})
     )
-    full_leaf = full.clone().requires_grad_()
+    out.loss.backward()
+    truth_leaf = full.to(torch.float64, copy=True)
     if extreme:
         # The ground truth for the +1e4 sequence: the same distribution shifted back (exact in
         # fp64), where the reference's lse - sum(p z) does not cancel two numbers near 1e4.
-        full_leaf = full.clone()
-        full_leaf[2] -= 1.0e4
-        full_leaf.requires_grad_()
-    want = reference.grpo_loss(full_leaf, ids, config=config, **inputs, **(normalizers or {}))
-    out.loss.backward()
+        truth_leaf[2] -= 1.0e4
+    truth_leaf.requires_grad_()
+    want = reference.grpo_loss(truth_leaf, ids, config=config, **_quantized(inputs, dtype), **(normalizers or {}))
     want.loss.backward()
-    if extreme:
-        # z near 1e4 / temperature carries ~1e-12 rounding in either computation.
-        tol = grad_tol = dict(rtol=1e-10, atol=1e-10)
-    elif dtype == torch.float64:
-        tol, grad_tol = F64, F64
-    else:  # both compute in fp32 from the same low-precision logits; grads are rounded to dtype
-        tol, grad_tol = dict(rtol=2e-5, atol=2e-5), dict(rtol=1.6e-2, atol=1e-4)
-    torch.testing.assert_close(out.loss, want.loss, **tol)
-    torch.testing.assert_close(out.logps, want.logps, **tol)
-    if config.compute_entropy:
-        torch.testing.assert_close(out.entropy, want.entropy, **tol)
-    else:
-        assert out.entropy is None and want.entropy is None
-    _assert_metrics(out.metrics, want.metrics, **tol)
-    assert shard.grad.dtype == dtype
-    torch.testing.assert_close(shard.grad, full_leaf.grad[..., start:start + size], **grad_tol)
+    eager = eager_grad = None
+    if dtype != torch.float64:  # eager PyTorch in the logits' dtype (fp32 token math), on the full vocab
+        eager_leaf = full.clone().requires_grad_()
+        eager = reference.grpo_loss(eager_leaf, ids, config=config, **inputs, **(normalizers or {}))
+        eager.loss.backward()
+        eager_grad = eager_leaf.grad[..., start:start + size]
+    # Per token: z near 1e4 / temperature carries 1e4 times the rounding of the other rows; and so
+    # do the loss and metrics, sums over those logps (130-500 ulps of a scale of 1 measured).
+    loss_scale = logit_row_scale(full, config.temperature).max() if extreme else None
+    _assert_outputs(out, want, eager, full, config.temperature, loss_scale)
+    truth_grad = truth_leaf.grad[..., start:start + size]
+    assert_close_to_truth(shard.grad, truth_grad, eager_grad, ulps=ULPS_GRAD, dtype=dtype,
+                          scale=dlogits_scale(truth_grad, full, config.temperature), what="dlogits shard")
     assert torch.equal(shard.detach(), before), "logits_shard was modified"
 
 
@@ -145,19 +166,26 @@ def _check_linear_loss(rank, world, group, config, *, seed=0, layout="even", chu
     b_shard = bias[start:start + size].clone().requires_grad_() if with_bias else None
     out = gd.vocab_parallel_linear_grpo_loss(h, w_shard, ids, bias_shard=b_shard, config=config,
                                              process_group=group, chunk_size=chunk_size, **inputs)
-    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    b_ref = bias.clone().requires_grad_() if with_bias else None
-    want = reference.linear_grpo_loss(h_ref, w_ref, ids, bias=b_ref, config=config, **inputs)
     out.loss.backward()
-    want.loss.backward()
-    tol = F64 if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, want.loss, **tol)
-    torch.testing.assert_close(out.logps, want.logps, **tol)
-    _assert_metrics(out.metrics, want.metrics, **tol)
-    torch.testing.assert_close(h.grad, h_ref.grad, **tol)
-    torch.testing.assert_close(w_shard.grad, w_ref.grad[start:start + size], **tol)
+
+    def reference_run(cast, inputs):
+        leaves = [None if t is None else t.detach().to(cast, copy=True).requires_grad_()
+                  for t in (hidden, weight, bias)]
+        result = reference.linear_grpo_loss(leaves[0], leaves[1], ids, bias=leaves[2], config=config, **inputs)
+        result.loss.backward()
+        return result, [None if t is None else t.grad for t in leaves]
+
+    want, truth_grads = reference_run(torch.float64, _quantized(inputs, dtype))
+    eager, eager_grads = reference_run(dtype, inputs) if dtype != torch.float64 else (None, [None] * 3)
+    _assert_outputs(out, want, eager, reference.linear_logits(hidden, weight, bias), config.temperature)
+    shard = slice(start, start + size)
+    grads = [(h.grad, truth_grads[0], eager_grads[0], "dhidden"),
+             (w_shard.grad, truth_grads[1][shard], None if eager is None else eager_grads[1][shard], "dweight shard")]
     if with_bias:
-        torch.testing.assert_close(b_shard.grad, b_ref.grad[start:start + size], **tol)
+        grads.append((b_shard.grad, truth_grads[2][shard], None if eager is None else eager_grads[2][shard],
+                      "dbias shard"))
+    for got, truth, eager_grad, name in grads:
+        assert_close_to_truth(got, truth, eager_grad, ulps=ULPS_GRAD, floor=0, dtype=dtype, what=name)
 
 
 # ---------------------------------------------------------------- vocab parallel: logits path
@@ -242,16 +270,22 @@ def case_vp_selective_log_softmax_gradients(rank, world, group):
         logps, entropy = gd.vocab_parallel_selective_log_softmax(shard, ids, start, 0.8, True, group)
         leaf = full.clone().requires_grad_()
         want_logps, want_entropy = reference.selective_log_softmax(leaf, ids, 0.8, True)
-        torch.testing.assert_close(logps, want_logps, **F64)
-        torch.testing.assert_close(entropy, want_entropy, **F64)
+        # float64 throughout: eager is the truth's own computation, no eager term.
+        scale = logit_row_scale(full, 0.8)
+        assert_close_to_truth(logps, want_logps, ulps=ULPS_VALUE, scale=scale, what="logps")
+        assert_close_to_truth(entropy, want_entropy, ulps=ULPS_VALUE, scale=scale, what="entropy")
         objective = (b * entropy).sum() + ((a * logps).sum() if use_logps else 0)
         want_objective = (b * want_entropy).sum() + ((a * want_logps).sum() if use_logps else 0)
         objective.backward()
         want_objective.backward()
-        torch.testing.assert_close(shard.grad, leaf.grad[:, start:start + size], **F64)
+        truth_grad = leaf.grad[:, start:start + size]
+        upstream = (a.abs() * use_logps + b.abs() * (1 + want_entropy.detach().abs())) / 0.8  # per row
+        assert_close_to_truth(shard.grad, truth_grad, ulps=ULPS_GRAD,
+                              scale=dlogits_scale(truth_grad, full, 0.8, upstream=upstream), what="dlogits shard")
     logps, entropy = gd.vocab_parallel_selective_log_softmax(full[:, start:start + size], ids, process_group=group)
     assert entropy is None
-    torch.testing.assert_close(logps, reference.selective_log_softmax(full, ids)[0], **F64)
+    assert_close_to_truth(logps, reference.selective_log_softmax(full, ids)[0], ulps=ULPS_VALUE,
+                          scale=logit_row_scale(full), what="logps without entropy")
 
 
 # ---------------------------------------------------------------- vocab parallel: linear path
@@ -289,9 +323,10 @@ def case_vp_linear_log_softmax_hidden_grad_only(rank, world, group):
     want_logps, want_entropy = reference.linear_log_softmax(h_ref, weight, ids, compute_entropy=True)
     (logps.sum() + 0.5 * entropy.sum()).backward()
     (want_logps.sum() + 0.5 * want_entropy.sum()).backward()
-    torch.testing.assert_close(logps, want_logps, **F64)
-    torch.testing.assert_close(entropy, want_entropy, **F64)
-    torch.testing.assert_close(h.grad, h_ref.grad, **F64)
+    scale = logit_row_scale(reference.linear_logits(hidden, weight))
+    assert_close_to_truth(logps, want_logps, ulps=ULPS_VALUE, scale=scale, what="logps")  # float64: no eager term
+    assert_close_to_truth(entropy, want_entropy, ulps=ULPS_VALUE, scale=scale, what="entropy")
+    assert_close_to_truth(h.grad, h_ref.grad, ulps=ULPS_GRAD, what="dhidden")  # upstream 1 and 0.5: floor 1
 
 
 # ---------------------------------------------------------------- vocab parallel: errors agreed on by every rank
@@ -324,7 +359,8 @@ def case_vp_errors(rank, world, group):
     _expect_error(lambda: loss(short), match)
     # After all of that the group is still in step.
     logps, _ = gd.vocab_parallel_selective_log_softmax(shard, ids, process_group=group)
-    torch.testing.assert_close(logps, reference.selective_log_softmax(full, ids)[0], **F64)
+    assert_close_to_truth(logps, reference.selective_log_softmax(full, ids)[0], ulps=ULPS_VALUE,
+                          scale=logit_row_scale(full), what="logps after the errors")
 
 
 # ---------------------------------------------------------------- data parallel
@@ -385,9 +421,10 @@ def _check_data_parallel(rank, world, group, config, *, seed=0, ragged_length=Fa
     # One process: no data-parallel factor (verl's dp_size is the DP world size).
     want = _dp_loss(config.replace(dp_size=1), t, w_ref, 0, S, T_max)
     want.loss.backward()
-    torch.testing.assert_close(total / divisor, want.loss.detach(), **F64)
-    torch.testing.assert_close(w.grad / divisor, w_ref.grad, **F64)
-    torch.testing.assert_close(norms[0].global_tokens, t["mask"].sum(), **F64)
+    # float64 throughout (the reference per rank, reduced): eager is the truth's own computation.
+    assert_close_to_truth(total / divisor, want.loss, ulps=ULPS_LOSS, what="data-parallel loss")
+    assert_close_to_truth(w.grad / divisor, w_ref.grad, ulps=ULPS_GRAD, floor=0, what="data-parallel dweight")
+    assert norms[0].global_tokens.item() == t["mask"].sum().item()  # a count: exact
     assert norms[0].world_size == world
 
 
@@ -455,7 +492,7 @@ def case_dp_real_ddp_module(rank, world, group):
     w_ref = weight.clone().requires_grad_()
     want = _dp_loss(cfg, t, w_ref, 0, t["mask"].shape[0], t["mask"].shape[1])
     want.loss.backward()
-    torch.testing.assert_close(head.weight.grad, w_ref.grad, **F64)
+    assert_close_to_truth(head.weight.grad, w_ref.grad, ulps=ULPS_GRAD, floor=0, what="DDP dweight")
 
 
 @case
