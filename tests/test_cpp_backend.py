@@ -18,7 +18,7 @@ import grpo_fused as gf
 from grpo_fused import _cpp_build, _dispatch
 from grpo_fused import reference as ref
 from grpo_fused.backends import cpp as cpp_backend
-from grpo_fused.semantics import AdvantageRequest, LossBatch, vocab_values
+from grpo_fused.semantics import NUM_SLOTS, AdvantageRequest, LossBatch, vocab_values
 
 from tolerance import ULPS_ADVANTAGE, ULPS_GRAD, ULPS_LOSS, ULPS_VALUE, assert_close_to_truth, logit_row_scale
 
@@ -551,7 +551,7 @@ def test_the_ops_check_their_arguments():
     ops = torch.ops.grpo_fused_cpp
     logits = torch.randn(4, 10)
     params = vocab_values(1.0)
-    with pytest.raises(RuntimeError, match="params must be a contiguous \\(12,\\) float64 CPU tensor"):
+    with pytest.raises(RuntimeError, match=f"params must be a contiguous \\({NUM_SLOTS},\\) float64 CPU tensor"):
         ops.logits_fwd(logits, torch.zeros(4, dtype=torch.long), params.float(), False)
     with pytest.raises(RuntimeError, match="ids must be"):
         ops.logits_fwd(logits, torch.zeros(4, dtype=torch.int32), params, False)
