@@ -8,8 +8,12 @@ softmax-statistics pass, and op registration.
 * :class:`RowLayout` / :func:`as_rows`: ``(N, V)`` and ``(B, T, V)`` logits (any row and batch
   stride, contiguous vocab) addressed with int64 offsets and a 1-D grid over rows.
 * :func:`launch_config`: the fixed ``(BLOCK_V, num_warps)`` of the row kernels.
-* :func:`row_softmax_stats`: one streaming pass over a row, ``(lse, z_target, entropy)``;
-  :func:`row_gradient_tile`: the gradient of one tile of a row from the saved ``lse``.
+* :func:`row_softmax_stats`: one streaming pass over a row, ``(lse, z_target, entropy)``, over the
+  whole row or over a sampling support; :func:`row_gradient_tile`: the gradient of one tile of a
+  row from the saved ``lse``.
+* :func:`scaled_logits`: ``z``, computed in one place for every pass that compares it;
+  :func:`in_support`: the sampling-support test of the row passes, on the raw logits against the
+  thresholds the cutoff search (:mod:`grpo_fused.kernels.sampling_support`) derived from ``z``.
 * :func:`triton_op` / :func:`launchable`: every launcher runs inside a ``torch.library.triton_op``
   so that ``torch.compile(fullgraph=True)`` sees one op per launch.
 
@@ -26,13 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_fused.semantics import AdvantageScale, KLEstimator, Slot, Surrogate, compute_dtype
+from grpo_fused.semantics import NUM_SLOTS, AdvantageScale, KLEstimator, Slot, Surrogate, compute_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["LN2", "LOG2E", "RowLayout", "TL_DTYPE", "acc_dtype", "as_rows", "check_inplace_backward", "cpu_tensors_accepted",
-           "interpreting", "launch_config", "launchable", "load_param", "recording_launches", "row_offset",
-           "row_gradient_tile", "row_softmax_stats", "row_vector", "triton_op"]
+__all__ = ["LN2", "LOG2E", "RowLayout", "TL_DTYPE", "acc_dtype", "as_rows", "check_inplace_backward", "check_params",
+           "cpu_tensors_accepted",
+           "in_support", "interpreting", "launch_config", "launchable", "load_param", "order_key", "recording_launches",
+           "row_offset", "row_gradient_tile", "row_softmax_stats", "row_vector", "scaled_logits", "support_split",
+           "triton_op", "value_of_key"]
 
 # --------------------------------------------------------------------------------------
 # Codes (tl.constexpr globals: a jit function may read those, and only those, from its module).
@@ -48,6 +54,9 @@ P_BETA = tl.constexpr(int(Slot.BETA))
 P_SAPO_TAU_POS = tl.constexpr(int(Slot.SAPO_TAU_POS))
 P_SAPO_TAU_NEG = tl.constexpr(int(Slot.SAPO_TAU_NEG))
 P_ENTROPY_COEF = tl.constexpr(int(Slot.ENTROPY_COEF))
+P_TOP_K = tl.constexpr(int(Slot.TOP_K))
+P_TOP_P = tl.constexpr(int(Slot.TOP_P))
+P_LOG_MIN_P = tl.constexpr(int(Slot.LOG_MIN_P))
 
 LOSS_CLIP = tl.constexpr(int(Surrogate.CLIP))
 LOSS_CISPO = tl.constexpr(int(Surrogate.CISPO))
@@ -97,6 +106,48 @@ LOG2_FLOOR = tl.constexpr(-1000.0)
 
 
 @triton.jit
+def scaled_logits(x, inv_temperature):
+    """``z = x * inv_temperature`` of logits ``x`` already in the compute dtype: the sampling cutoff
+    search computes every ``z`` it compares here (one rounded multiply; a comparison never sees it
+    contracted into an FMA), and the support thresholds of the row passes are derived from it."""
+    return x * inv_temperature
+
+
+@triton.jit
+def in_support(x, cols, x_ties, x_above, tie_end):
+    """The sampling support in kernel form (:mod:`grpo_fused.semantics.sampling`), on the raw logits
+    ``x`` (compute dtype) of columns ``cols``: kept when ``z > tau`` (``x >= x_above``), or ``z == tau``
+    (``x >= x_ties``) and ``cols < tie_end``. ``z = x * inv_temperature`` rounds monotonically, so
+    the thresholds (:class:`~grpo_fused.kernels.sampling_support.Cutoff`) make these tests exactly
+    those on ``z``. NaN thresholds keep nothing."""
+    return (x >= x_above) | ((x >= x_ties) & (cols < tie_end))
+
+
+@triton.jit
+def order_key(z):
+    """The unsigned integer whose order is that of the float ``z`` (sign-magnitude to offset binary;
+    ``-0.0`` sits just below ``+0.0``, NaNs beyond the infinities)."""
+    if z.dtype == tl.float64:
+        bits = z.to(tl.uint64, bitcast=True)
+        sign = tl.full([], 1, tl.uint64) << 63
+    else:
+        bits = z.to(tl.uint32, bitcast=True)
+        sign = tl.full([], 1, tl.uint32) << 31
+    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+
+
+@triton.jit
+def value_of_key(key, ACC_DTYPE: tl.constexpr):
+    """The float of an order key (inverse of :func:`order_key`)."""
+    if ACC_DTYPE == tl.float64:
+        sign = tl.full([], 1, tl.uint64) << 63
+    else:
+        sign = tl.full([], 1, tl.uint32) << 31
+    bits = tl.where((key & sign) != 0, key ^ sign, ~key)
+    return bits.to(ACC_DTYPE, bitcast=True)
+
+
+@triton.jit
 def _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY: tl.constexpr):
     """Fold one ``(R, VEC)`` tile of raw logits ``x`` (ACC_DTYPE, -inf where masked) into each
     thread's running state: ``m`` (R,) the max of the raw logits seen, ``s = sum 2**d`` and
@@ -131,9 +182,20 @@ def row_softmax_stats(
     VEC: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    x_ties=0.0,
+    x_above=0.0,
+    tie_end=0,
+    SUPPORT: tl.constexpr = False,
 ):
     """One pass over the first ``n_cols`` logits of a row: ``(lse, z_target, entropy)`` of
     ``z = logits * inv_temperature``.
+
+    With ``SUPPORT`` the pass runs over the sampling support of the cutoff ``(x_ties, x_above,
+    tie_end)`` (:func:`in_support`) only: a dropped logit counts as -inf, and so does a dropped
+    target (``logp = -inf``). The tiles before the one holding ``tie_end`` test ``x >= x_ties``,
+    those after it ``x >= x_above`` (one compare and one select a column), that tile and the
+    masked last one the whole test. Without ``SUPPORT``, the code is that of the plain pass (the
+    branches are pruned at compile time).
 
     ``n_cols`` is the row's V, or 0 for a row that is skipped (nothing is read; the caller
     replaces the outputs). The target logit is read only when ``0 <= target < n_cols``; an id
@@ -155,12 +217,28 @@ def row_softmax_stats(
     s = tl.zeros([ROWS], ACC_DTYPE)
     u = tl.zeros([ROWS], ACC_DTYPE)
     full = (n_cols // BLOCK_V) * BLOCK_V
-    for start in range(0, full, BLOCK_V):
-        x = tl.load(row_ptr + start + offs).to(ACC_DTYPE)
-        m, s, u = _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY)
+    if SUPPORT:
+        split = support_split(tie_end, full, BLOCK_V)
+        for start in range(0, split, BLOCK_V):
+            x = tl.load(row_ptr + start + offs).to(ACC_DTYPE)
+            m, s, u = _stats_tile(tl.where(x >= x_ties, x, neg_inf), m, s, u, c, COMPUTE_ENTROPY)
+        if split < full:
+            cols = split + offs
+            x = tl.load(row_ptr + cols).to(ACC_DTYPE)
+            x = tl.where(in_support(x, cols, x_ties, x_above, tie_end), x, neg_inf)
+            m, s, u = _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY)
+            for start in range(split + BLOCK_V, full, BLOCK_V):
+                x = tl.load(row_ptr + start + offs).to(ACC_DTYPE)
+                m, s, u = _stats_tile(tl.where(x >= x_above, x, neg_inf), m, s, u, c, COMPUTE_ENTROPY)
+    else:
+        for start in range(0, full, BLOCK_V):
+            x = tl.load(row_ptr + start + offs).to(ACC_DTYPE)
+            m, s, u = _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY)
     if full < n_cols:
         cols = full + offs
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=neg_inf).to(ACC_DTYPE)
+        if SUPPORT:
+            x = tl.where(in_support(x, cols, x_ties, x_above, tie_end), x, neg_inf)
         m, s, u = _stats_tile(x, m, s, u, c, COMPUTE_ENTROPY)
     m_row = tl.max(m, axis=0)
     m_row_safe = tl.where(m_row > neg_inf, m_row, 0.0)
@@ -171,12 +249,23 @@ def row_softmax_stats(
     ln2 = tl.full([], LN2, ACC_DTYPE)
     lse = m_row_safe * inv_temperature + log2_sum * ln2
     in_vocab = (target >= 0) & (target < n_cols)
-    z_target = tl.load(row_ptr + target, mask=in_vocab, other=neg_inf).to(ACC_DTYPE) * inv_temperature
+    x_target = tl.load(row_ptr + target, mask=in_vocab, other=neg_inf).to(ACC_DTYPE)
+    z_target = x_target * inv_temperature
+    if SUPPORT:
+        z_target = tl.where(in_support(x_target, target, x_ties, x_above, tie_end), z_target, neg_inf)
     entropy = lse * 0.0
     if COMPUTE_ENTROPY:
         u_row = tl.sum(scale * (u + s * shift), axis=0)
         entropy = (log2_sum - u_row / sum_exp) * ln2
     return lse, z_target, entropy
+
+
+@triton.jit
+def support_split(tie_end, full, BLOCK_V: tl.constexpr):
+    """Where a row pass over a sampling support switches from ``x >= x_ties`` to ``x >= x_above``: the
+    first column of the full tile holding ``tie_end`` (``full`` when no full tile does; ``tie_end``
+    may lie outside the row, as in a vocab slice)."""
+    return tl.minimum((tl.minimum(tl.maximum(tie_end, 0), full) // BLOCK_V) * BLOCK_V, full)
 
 
 @triton.jit
@@ -272,6 +361,15 @@ def as_rows(logits: Tensor) -> Tensor:
         return logits.view(-1, logits.shape[-1])
     except RuntimeError:
         return logits.reshape(-1, logits.shape[-1])
+
+
+def check_params(params: Tensor, device: torch.device) -> None:
+    """``params`` is the ``(NUM_SLOTS,)`` float64 hyperparameter vector, on the kernels' device."""
+    if not isinstance(params, torch.Tensor) or params.dtype != torch.float64 or tuple(params.shape) != (NUM_SLOTS,):
+        raise TypeError(f"params must be a ({NUM_SLOTS},) float64 tensor (grpo_fused.semantics.Slot), got "
+                        f"{getattr(params, 'shape', type(params).__name__)} {getattr(params, 'dtype', '')}")
+    if params.device != device or not params.is_contiguous():
+        raise ValueError(f"params must be contiguous on {device}, got {params.device}")
 
 
 def check_inplace_backward(logits: Tensor) -> None:

@@ -23,6 +23,14 @@ and torch has no bf16 GEMM that adds into an fp32 ``C``. The vocab pass costs on
 logits GEMM (2*N*V*H FLOPs, +25% of the 8*N*V*H total), holds no ``(V, H)`` state beyond the
 gradient itself, and is deterministic.
 
+Sampling support (``Chunked.forward_on_support``): a chunk's logits are whole rows, so the cutoff
+search runs on each chunk before its row pass, and the cutoff ``(N,)`` is kept for backward. The
+weight pass tests a vocab slice's columns against it (``tie_end`` shifted like the ids). Both
+backward passes recompute logits, the weight pass with GEMMs of another shape than forward's: the
+support they find is forward's exactly when those GEMMs round each logit as forward's did (as the
+CPU BLAS of the tests does); where cuBLAS rounds a logit lying exactly at the cutoff differently,
+that one column can fall on the other side in ``dweight``.
+
 Transient memory: at most :data:`grpo_fused.kernels.splits.DEFAULT_MAX_CHUNK_BYTES` of logit state (fp32 logits plus, for
 bf16 / fp16 operands, their operand-dtype gradient copy) at any time. The GEMMs are ``torch``
 matmuls, so this strategy runs wherever the row kernel does (CUDA, or CPU under the Triton
@@ -36,6 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .sampling_support import Cutoff, SupportRule, sampling_cutoff
 from .selective_log_softmax import logits_bwd, logits_fwd
 from .splits import chunk_rows, logit_bytes
 
@@ -75,17 +84,23 @@ def linear_chunked_fwd(
     params: Tensor,
     compute_entropy: bool,
     chunk_size: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    support: Optional[SupportRule] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Cutoff]]:
     """Forward of the chunked strategy.
 
     Args:
         hidden: ``(N, H)`` float. weight: ``(V, H)``. bias: ``(V,)`` or None.
         ids: ``(N,)`` integer in ``[0, V)``. params: ``(NUM_SLOTS,)`` float64 hyperparameters on
-            the device (the temperature). compute_entropy: also the entropy.
+            the device (the temperature; with ``support`` the sampling slots too).
+        compute_entropy: also the entropy.
         chunk_size: tokens per chunk; None picks :func:`chunk_rows`.
+        support: None, or the sampling rule: each chunk's logits are whole rows, so the cutoff
+            search (:func:`~grpo_fused.kernels.sampling_support.sampling_cutoff`) runs on the chunk
+            before its row pass.
 
     Returns:
-        ``(logps, lse, entropy_or_None)``, each ``(N,)`` fp32 (fp64 for fp64 inputs).
+        ``(logps, lse, entropy_or_None, cutoff_or_None)``, each ``(N,)``: fp32 (fp64 for fp64
+        inputs); the cutoff (with ``support``) is what the backward needs to find the support again.
     """
     hidden, weight = _compute_operands(hidden, weight)
     N, H = hidden.shape
@@ -95,22 +110,31 @@ def linear_chunked_fwd(
     logps = torch.empty(N, dtype=out_dtype, device=hidden.device)
     lse = torch.empty(N, dtype=out_dtype, device=hidden.device)
     entropy = torch.empty(N, dtype=out_dtype, device=hidden.device) if compute_entropy else None
+    cutoff = None
+    if support is not None:
+        cutoff = Cutoff.empty(N, out_dtype, hidden.device)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         logits = _logits(hidden[start:end], weight, bias)
-        chunk_logps, chunk_lse, chunk_entropy = logits_fwd(logits, ids[start:end], params, compute_entropy)
+        chunk_cutoff = None
+        if support is not None:
+            chunk_cutoff = sampling_cutoff(logits, params, support)
+            for whole, part in zip(cutoff, chunk_cutoff):
+                whole[start:end] = part
+        chunk_logps, chunk_lse, chunk_entropy = logits_fwd(logits, ids[start:end], params, compute_entropy,
+                                                           cutoff=chunk_cutoff)
         logps[start:end] = chunk_logps
         lse[start:end] = chunk_lse
         if compute_entropy:
             entropy[start:end] = chunk_entropy
         del logits
-    return logps, lse, entropy
+    return logps, lse, entropy, cutoff
 
 
 def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, lse: Tensor,
                        entropy: Optional[Tensor], dlogps: Optional[Tensor], dentropy: Optional[Tensor], params: Tensor,
                        chunk_size: Optional[int] = None, vocab_slice: Optional[int] = None,
-                       needs: Tuple[bool, bool, bool] = (True, True, True)
+                       needs: Tuple[bool, bool, bool] = (True, True, True), cutoff: Optional[Cutoff] = None,
                        ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Backward of the chunked strategy: a token-chunk pass for ``dhidden``, a vocab-slice pass
     for ``dweight`` / ``dbias``, each recomputing its logits.
@@ -122,6 +146,8 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
         vocab_slice: vocab columns per slice of the weight pass; None picks them from the shapes.
         needs: which of ``(dhidden, dweight, dbias)`` to compute (a frozen lm_head skips the
             whole vocab pass).
+        cutoff: the forward's sampling cutoff, or None (the full softmax). A vocab slice tests its
+            columns with ``tie_end`` shifted by the slice's first column.
 
     Returns:
         ``(dhidden, dweight, dbias)`` in the dtypes of hidden, weight and bias; None where not
@@ -143,12 +169,17 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
     # gradient in place.
     in_place = hidden.dtype in (torch.float32, torch.float64)
 
-    def dlogits_of(logits, rows, target):
+    def dlogits_of(logits, rows, target, first_column=0):
+        rows_cutoff = None
+        if cutoff is not None:
+            rows_cutoff = Cutoff(cutoff.tau[rows], cutoff.tie_end[rows] - first_column, cutoff.x_ties[rows],
+                                 cutoff.x_above[rows])
         return logits_bwd(
             logits, target, lse[rows], dlogps[rows],
             None if dentropy is None else dentropy[rows],
             None if dentropy is None else entropy[rows],
             params, out=logits if in_place else None, grad_dtype=None if in_place else weight.dtype,
+            cutoff=rows_cutoff,
         )
 
     dhidden = None
@@ -175,7 +206,7 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
             # here. The row kernel's backward only compares ids with column indices, never loads
             # at them, so out-of-slice ids are safe (the chunked tests with vocab_slice cover it).
             logits = _logits(hidden, weight[cols], None if bias is None else bias[cols])
-            dlogits = dlogits_of(logits, every_row, ids - start)
+            dlogits = dlogits_of(logits, every_row, ids - start, start)
             del logits
             if dbias is not None:
                 torch.sum(dlogits, 0, dtype=dbias.dtype, out=dbias[cols])
@@ -203,8 +234,12 @@ class Chunked:
     vocab_slice: Optional[int] = None
 
     def forward(self, hidden, weight, bias, ids, params, compute_entropy):
-        return linear_chunked_fwd(hidden, weight, bias, ids, params, compute_entropy, self.chunk_size)
+        return linear_chunked_fwd(hidden, weight, bias, ids, params, compute_entropy, self.chunk_size)[:3]
 
-    def backward(self, hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, needs):
+    def forward_on_support(self, hidden, weight, bias, ids, params, compute_entropy, support: SupportRule):
+        return linear_chunked_fwd(hidden, weight, bias, ids, params, compute_entropy, self.chunk_size, support)
+
+    def backward(self, hidden, weight, bias, ids, params, lse, entropy, dlogps, dentropy, needs,
+                 cutoff: Optional[Cutoff] = None):
         return linear_chunked_bwd(hidden, weight, bias, ids, lse, entropy, dlogps, dentropy, params, self.chunk_size,
-                                  self.vocab_slice, needs=needs)
+                                  self.vocab_slice, needs=needs, cutoff=cutoff)

@@ -14,6 +14,12 @@ with the semantics layer's :func:`token_metrics`.
   autograd down to the per-token ``dlogp`` / ``dH`` the one backward kernel consumes.
 * The linear path runs a strategy's vocab pass (``chunked``: GEMMs on token chunks + the row
   kernels; ``tiled``: logit tiles on chip), then the same tail.
+* A sampling rule (``top_k`` / ``top_p`` / ``min_p``, :attr:`Option.SAMPLING_SUPPORT`) runs the
+  cutoff search of :mod:`grpo_fused.kernels.sampling_support` before the vocab pass (on the logits,
+  or on each chunk of the chunked linear path), then the row kernels over each row's support, then
+  the ``(B, T)`` tail, which takes outside-support tokens out of the mask (so never the fused
+  epilogue, whose normalizers are fixed before the pass). The tiled strategy never holds a row and
+  refuses a rule.
 
 Masked positions cost no HBM read (:data:`SKIP_MASKED_ROWS`): the token-level kernel skips rows
 whose reduction weight is 0, the sequence-level path hands the completion mask to the vocab op as
@@ -38,16 +44,17 @@ from grpo_fused.kernels.linear_chunked import Chunked
 from grpo_fused.kernels.linear_log_softmax import linear_log_softmax as _linear_log_softmax
 from grpo_fused.kernels.linear_tiled import Tiled
 from grpo_fused.kernels import selective_log_softmax as _vocab
+from grpo_fused.kernels.sampling_support import SupportRule
 from grpo_fused.kernels.common import FLAG_HIGH, FLAG_LOW, check_inplace_backward, cpu_tensors_accepted
 
 from ..semantics import (
     GRPOOutput,
     LossBatch,
     LossParams,
-    Option,
     compute_dtype,
     entropy_weights,
     grpo_output,
+    sampling_options,
     token_metrics,
     token_weights,
     vocab_values,
@@ -89,32 +96,33 @@ def resolve_strategy(strategy: str) -> str:
 
 
 def selective_log_softmax(logits, ids, temperature, compute_entropy, inplace_backward=False, sampling=None):
-    _no_sampling_support(sampling is not None)
-    values = vocab_values(temperature).to(logits.device, non_blocking=True)
-    return _vocab.selective_log_softmax(logits, ids, values, compute_entropy, inplace_backward)
+    values = vocab_values(temperature, sampling).to(logits.device, non_blocking=True)
+    return _vocab.selective_log_softmax(logits, ids, values, compute_entropy, inplace_backward,
+                                        support=SupportRule.of(sampling_options(sampling)))
 
 
-def _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps):
-    chosen = Tiled(filter_eps) if resolve_strategy(strategy) == "tiled" else Chunked(chunk_size)
-    return _linear_log_softmax(hidden, weight, ids, values, bias, compute_entropy, chosen)
+def _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps,
+                       support: Optional[SupportRule] = None):
+    if resolve_strategy(strategy) == "tiled":
+        if support is not None:
+            # Its logit tiles never make a whole row: no cutoff can be searched there.
+            raise ValueError("strategy='tiled' cannot apply a sampling rule: use 'chunked' or 'auto'")
+        chosen = Tiled(filter_eps)
+    else:
+        chosen = Chunked(chunk_size)
+    return _linear_log_softmax(hidden, weight, ids, values, bias, compute_entropy, chosen, support)
 
 
 def linear_log_softmax(hidden, weight, bias, ids, temperature, compute_entropy, strategy="auto", chunk_size=None,
                        filter_eps=None, sampling=None):
-    _no_sampling_support(sampling is not None)
-    values = vocab_values(temperature).to(hidden.device, non_blocking=True)
-    return _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps)
+    values = vocab_values(temperature, sampling).to(hidden.device, non_blocking=True)
+    return _linear_vocab_pass(hidden, weight, bias, ids, values, compute_entropy, strategy, chunk_size, filter_eps,
+                              SupportRule.of(sampling_options(sampling)))
 
 
 # --------------------------------------------------------------------------------------
 # Losses.
 # --------------------------------------------------------------------------------------
-
-
-def _no_sampling_support(asked: bool) -> None:
-    if asked:
-        raise NotImplementedError("the Triton backend has no sampling-support (top_k / top_p / min_p) pass yet; "
-                                  "use backend='reference'")
 
 
 def _per_token(x: Optional[Tensor], B: int, T: int, dtype: torch.dtype) -> Optional[Tensor]:
@@ -132,16 +140,17 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
     if inplace_backward:
         check_inplace_backward(logits)
     spec = params.spec
-    _no_sampling_support(spec.has(Option.SAMPLING_SUPPORT))
     values = params.values_on(logits.device)
-    if spec.sequence_level or not spec.loss_type.fused_epilogue:
+    support = SupportRule.of(spec.options)
+    if spec.sequence_level or not spec.loss_type.fused_epilogue or support is not None:
         # The fused epilogue cannot evaluate a sequence-level ratio or a surrogate it does not
-        # implement (the table's fused_epilogue=False rows): vocab pass, then the (B, T) tail.
+        # implement (the table's fused_epilogue=False rows), nor drop the tokens a sampling support
+        # excludes from the mask (that changes every normalizer): vocab pass, then the (B, T) tail.
         row_mask = None
         if SKIP_MASKED_ROWS and batch.completion_mask is not None:
             row_mask = batch.completion_mask != 0
         logps, entropy = _vocab.selective_log_softmax(logits, batch.completion_ids, values, spec.compute_entropy,
-                                                      inplace_backward, row_mask)
+                                                      inplace_backward, row_mask, support)
         return grpo_output(logps, entropy, batch, params)
 
     B, T = batch.shape
@@ -180,9 +189,9 @@ def linear_grpo_loss(hidden, weight, bias, batch: LossBatch, params: LossParams,
     """:func:`grpo_fused.linear_grpo_loss` on Triton: the strategy's vocab pass, then the ``(B, T)``
     tail (every surrogate, level, KL estimator, bonus and metric of the spec, the same numbers)."""
     spec = params.spec
-    _no_sampling_support(spec.has(Option.SAMPLING_SUPPORT))
     logps, entropy = _linear_vocab_pass(hidden, weight, bias, batch.completion_ids, params.values_on(hidden.device),
-                                        spec.compute_entropy, strategy, chunk_size, filter_eps)
+                                        spec.compute_entropy, strategy, chunk_size, filter_eps,
+                                        SupportRule.of(spec.options))
     dtype = compute_dtype(hidden.dtype)
     return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch, params)
 
