@@ -264,3 +264,24 @@ def test_fp64_sapo_temperatures_at_fp64_precision(backend):
     out, grad = _loss(b, backend, config)
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fused_backends("grpo_loss"))
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_outputs_are_zero_at_masked_positions(backend, path):
+    # What stands at a masked position is padding: every backend shows 0 there, whatever the id.
+    g = torch.Generator().manual_seed(5)
+    B, T, V, H = 2, 4, 11, 6
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[~mask] = -100
+    adv = torch.randn(B, generator=g)
+    if path == "logits":
+        out = gf.grpo_loss(torch.randn(B, T, V, generator=g), ids, adv, mask, backend=backend)
+    else:
+        out = gf.linear_grpo_loss(torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), ids, adv, mask,
+                                  backend=backend)
+    for name in ("logps", "entropy"):
+        shown = getattr(out, name)
+        assert bool((shown[~mask] == 0).all()), name
+        assert bool((shown[mask] != 0).all()), name

@@ -55,6 +55,7 @@ from ..semantics import (
     entropy_weights,
     grpo_output,
     sampling_options,
+    shown,
     token_metrics,
     token_weights,
     vocab_values,
@@ -181,7 +182,8 @@ def grpo_loss(logits: Tensor, batch: LossBatch, params: LossParams, inplace_back
     low = (flags & FLAG_LOW.value).to(acc).view(B, T)
     high = (flags & FLAG_HIGH.value).ne(0).to(acc).view(B, T)
     metrics = token_metrics(spec, mask, rows(ratio), kl=rows(kl), entropy=rows(entropy), low=low, high=high)
-    return GRPOOutput(loss, logps.view(B, T), rows(entropy), metrics)
+    return GRPOOutput(loss, shown(logps.view(B, T), batch.completion_mask), shown(rows(entropy), batch.completion_mask),
+                      metrics)
 
 
 def linear_grpo_loss(hidden, weight, bias, batch: LossBatch, params: LossParams, strategy="auto", chunk_size=None,

@@ -30,7 +30,7 @@ from .params import (Hyper, LossParams, LossSpec, NUM_SLOTS, NUM_TAIL_SLOTS, Opt
 from .sampling import TOP_K_TIES, ExplicitSupport, SamplingRule
 from .reduction import entropy_weights, reduce_loss, reduce_tokens, token_weights
 from .table import *  # noqa: F401,F403  (the table's names, listed in its __all__)
-from .tail import LossBatch, grpo_loss_from_logps, grpo_output
+from .tail import LossBatch, grpo_loss_from_logps, grpo_output, shown
 from .terms import (clip_flags, importance_log_ratio, kl_estimate, masked, masked_rows, masked_sequence_mean, metric_mean,
                     policy_token_loss, token_metrics)
 
@@ -47,5 +47,5 @@ __all__ = [
     "NUM_SLOTS", "NUM_TAIL_SLOTS", "Normalizer", "Option", "SamplingRule", "Slot", "Surrogate", "TOP_K_TIES", "TailSlot", "clip_flags", "compute_dtype", "entropy_weights",
     "grpo_loss_from_logps", "grpo_output", "importance_log_ratio", "kl_estimate", "loss_type_named", "masked",
     "masked_rows", "masked_sequence_mean", "metric_mean", "normalizer_of", "policy_token_loss", "reduce_loss",
-    "reduce_tokens", "sampling_options", "token_metrics", "token_weights", "vocab_values",
+    "reduce_tokens", "sampling_options", "shown", "token_metrics", "token_weights", "vocab_values",
 ]

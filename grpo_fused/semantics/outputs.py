@@ -18,8 +18,8 @@ class GRPOOutput:
 
     Attributes:
         loss: scalar, differentiable.
-        logps: ``(B, T)`` per-token log-probs of the current policy (detached).
-        entropy: ``(B, T)`` per-token entropy (detached), or None.
+        logps: ``(B, T)`` per-token log-probs of the current policy (detached; 0 at masked positions).
+        entropy: ``(B, T)`` per-token entropy (detached; 0 at masked positions), or None.
         metrics: TRL metric names -> 0-dim tensors (no host sync): ``kl`` (beta != 0),
             ``entropy``, ``ratio``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
             ``clip_ratio/region_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clip

@@ -25,7 +25,7 @@ from .terms import clip_flags, kl_estimate, masked, policy_token_loss, token_met
 
 Tensor = torch.Tensor
 
-__all__ = ["LossBatch", "grpo_loss_from_logps", "grpo_output"]
+__all__ = ["LossBatch", "grpo_loss_from_logps", "grpo_output", "shown"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +191,17 @@ def grpo_output(logps: Tensor, entropy: Optional[Tensor], batch: LossBatch, para
     )
     if outside is not None:
         metrics["sampling/outside_support"] = outside.sum().to(dtype) / counted
-    return GRPOOutput(loss, logps.detach(), None if entropy is None else entropy.detach(), metrics)
+    return GRPOOutput(loss, shown(logps, batch.completion_mask), shown(entropy, batch.completion_mask), metrics)
+
+
+def shown(per_token: Optional[Tensor], completion_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-token output as :class:`GRPOOutput` returns it: detached, 0 at masked positions (what
+    stands there is padding, and a fused backend does not even read those rows)."""
+    if per_token is None:
+        return None
+    per_token = per_token.detach()
+    if completion_mask is None:
+        return per_token
+    return torch.where(completion_mask != 0, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
 
 
