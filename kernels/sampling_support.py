@@ -58,8 +58,8 @@ import triton.language as tl
 from grpo_fused.semantics import Option
 
 from .common import (LOG2E, P_INV_TEMPERATURE, P_LOG_MIN_P, P_TOP_K, P_TOP_P, TL_DTYPE, RowLayout, acc_dtype,
-                     check_params, launch_config, launchable, load_param, order_key, row_offset, row_vector,
-                     scaled_logits, triton_op, value_of_key)
+                     check_params, interpreting, launch_config, launchable, load_param, order_key, row_offset,
+                     row_vector, scaled_logits, triton_op, value_of_key)
 
 Tensor = torch.Tensor
 
@@ -75,8 +75,11 @@ _LADDER = tl.constexpr(LADDER)
 # Refining sweeps whose pivots are spread evenly in value (then in key space, which bounds the count).
 _VALUE_SWEEPS = 2
 VALUE_SWEEPS = tl.constexpr(_VALUE_SWEEPS)
-# Candidates a program can hold and solve in registers (scratch per program, then one sort).
+# Candidates a program can hold and solve in registers (scratch per program, then one sort). Under
+# Triton's interpreter (the CPU tests) a sort costs ~0.3 ms an element, so fewer are held there,
+# which also runs the refining sweeps on small rows.
 CANDIDATES = 2048
+INTERPRETER_CANDIDATES = 32
 # Programs per SM of the persistent grid: each keeps CANDIDATES scratch slots, reused row after row.
 PROGRAMS_PER_SM = 4
 SMS_WITHOUT_DEVICE = 132  # the grid when no CUDA device says otherwise (interpreter, static report)
@@ -187,36 +190,55 @@ def _max_sweep(row_ptr, n_cols, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ACC_DT
 
 
 @triton.jit
-def _min_p_threshold(z_max_safe, log_min_p, ACC_DTYPE: tl.constexpr, BITS: tl.constexpr):
-    """The smallest ``t`` with ``t - max z >= log_min_p`` (min-p keeps exactly the tokens at or above
-    it): a bisection over the order keys, one scalar test a bit, the test rounded as the
-    reference's ``z - max z``."""
-    lo = order_key(tl.full([], float("-inf"), ACC_DTYPE))
-    hi = order_key(z_max_safe)  # z_max itself always survives
-    for _ in range(BITS + 1):
-        mid = lo + (hi - lo) // 2
-        ok = (value_of_key(mid, ACC_DTYPE) - z_max_safe) >= log_min_p
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, tl.minimum(mid + 1, hi))
-    return value_of_key(hi, ACC_DTYPE)
+def _passes(x, a, b, TEST: tl.constexpr):
+    """The monotone tests the cutoff's thresholds answer: ``x - a >= b`` (min-p, ``a = max z``,
+    ``b = log min_p``), ``scaled_logits(x, a) >= b`` and ``> b`` (``a = 1 / T``, ``b = tau``)."""
+    if TEST == 0:
+        return (x - a) >= b
+    elif TEST == 1:
+        return scaled_logits(x, a) >= b
+    else:
+        return scaled_logits(x, a) > b
 
 
 @triton.jit
-def _logit_threshold(tau, inv_temperature, STRICT: tl.constexpr, ACC_DTYPE: tl.constexpr, BITS: tl.constexpr):
-    """The smallest logit ``x`` whose ``scaled_logits(x)`` exceeds (``STRICT``) or reaches ``tau``, by
-    bisection of the order keys from -inf to past +inf (NaN when none does, or ``tau`` is NaN)."""
-    lo = order_key(tl.full([], float("-inf"), ACC_DTYPE))
-    hi = order_key(tl.full([], float("inf"), ACC_DTYPE)) + 1  # a NaN key: "none"
-    for _ in range(BITS + 1):
+def _first_passing(guess, lowest, highest, a, b, TEST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The smallest order key in ``[lowest, highest]`` whose value passes ``TEST`` (``highest`` when
+    none below it does): a bisection, started on 128 keys around ``guess`` (within an ulp or two
+    of the answer) and widened to the whole range when the answer lies outside them."""
+    window = 64
+    g = tl.minimum(tl.maximum(order_key(guess), lowest), highest)
+    lo = tl.where(g - lowest > window, g - window, lowest)
+    hi = tl.where(highest - g > window, g + window, highest)
+    if (lo > lowest) & _passes(value_of_key(lo, ACC_DTYPE), a, b, TEST):
+        lo = lowest
+    if (hi < highest) & ~_passes(value_of_key(hi, ACC_DTYPE), a, b, TEST):
+        hi = highest
+    while lo < hi:
         mid = lo + (hi - lo) // 2
-        z = scaled_logits(value_of_key(mid, ACC_DTYPE), inv_temperature)
-        if STRICT:
-            ok = z > tau
-        else:
-            ok = z >= tau
+        ok = _passes(value_of_key(mid, ACC_DTYPE), a, b, TEST)
         hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, tl.minimum(mid + 1, hi))
-    return value_of_key(hi, ACC_DTYPE)
+        lo = tl.where(ok, lo, mid + 1)
+    return hi
+
+
+@triton.jit
+def _min_p_threshold(z_max_safe, log_min_p, ACC_DTYPE: tl.constexpr):
+    """The smallest ``t`` with ``t - max z >= log_min_p`` (min-p keeps exactly the tokens at or above
+    it), the test rounded as the reference's ``z - max z``."""
+    lowest = order_key(tl.full([], float("-inf"), ACC_DTYPE))
+    key = _first_passing(z_max_safe + log_min_p, lowest, order_key(z_max_safe), z_max_safe, log_min_p, 0, ACC_DTYPE)
+    return value_of_key(key, ACC_DTYPE)
+
+
+@triton.jit
+def _logit_threshold(tau, inv_temperature, STRICT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The smallest logit ``x`` whose ``scaled_logits(x)`` exceeds (``STRICT``) or reaches ``tau``
+    (NaN when none does, or ``tau`` is NaN)."""
+    lowest = order_key(tl.full([], float("-inf"), ACC_DTYPE))
+    none = order_key(tl.full([], float("inf"), ACC_DTYPE)) + 1  # a NaN key
+    key = _first_passing(tau / inv_temperature, lowest, none, inv_temperature, tau, 2 if STRICT else 1, ACC_DTYPE)
+    return value_of_key(key, ACC_DTYPE)
 
 
 @triton.jit
@@ -424,7 +446,7 @@ def _row_cutoff(row_ptr, n_cols, params_ptr, inv_temperature, scratch_z, scratch
         # (as the reference does).
         z_max_safe = tl.where(z_max > float("-inf"), z_max, 0.0)
         log_min_p = tl.where(z_max > float("-inf"), log_min_p, float("-inf"))
-        t0 = _min_p_threshold(z_max_safe, log_min_p, ACC_DTYPE, BITS)
+        t0 = _min_p_threshold(z_max_safe, log_min_p, ACC_DTYPE)
         top = order_key(z_max) + 1
 
         # The ladder sweep: min-p's survivors (z >= t0) and the rungs below the maximum.
@@ -600,8 +622,8 @@ def _sampling_cutoff_kernel(
                                    VEC, CAP, ALL_TIES, ACC_DTYPE, BITS, P, L, MAX_SWEEPS)
         tl.store(tau_ptr + row, tau)
         tl.store(tie_end_ptr + row, tie_end)
-        tl.store(x_ties_ptr + row, _logit_threshold(tau, inv_temperature, False, ACC_DTYPE, BITS))
-        tl.store(x_above_ptr + row, _logit_threshold(tau, inv_temperature, True, ACC_DTYPE, BITS))
+        tl.store(x_ties_ptr + row, _logit_threshold(tau, inv_temperature, False, ACC_DTYPE))
+        tl.store(x_above_ptr + row, _logit_threshold(tau, inv_temperature, True, ACC_DTYPE))
         row += tl.num_programs(0)
 
 
@@ -623,7 +645,8 @@ def cutoff_launch(logits: Tensor, params: Tensor, all_ties: bool, row_mask: Opti
     directly; ``row_mask`` is flat ``(N,)`` or None (a row whose value is 0 is not read; its cutoff
     keeps nothing). ``params``: the ``(NUM_SLOTS,)`` float64 hyperparameters on the logits' device.
     ``candidates`` (a power of two) overrides how many tokens a program gathers and solves in
-    registers (default :data:`CANDIDATES`, at most the padded row)."""
+    registers (default :data:`CANDIDATES`, :data:`INTERPRETER_CANDIDATES` under the interpreter; at
+    most the padded row)."""
     layout = RowLayout.of(logits)
     check_params(params, logits.device)
     acc = acc_dtype(logits.dtype)
@@ -636,7 +659,8 @@ def cutoff_launch(logits: Tensor, params: Tensor, all_ties: bool, row_mask: Opti
     if layout.vocab >= 2**24:
         raise ValueError(f"a sampling support needs V < 2**24 (counts in fp32), got {layout.vocab}")
     block, warps = launch_config(layout.vocab, block_v)
-    cap = candidates or min(CANDIDATES, triton.next_power_of_2(layout.vocab))
+    cap = candidates or min(INTERPRETER_CANDIDATES if interpreting() else CANDIDATES,
+                            triton.next_power_of_2(layout.vocab))
     if cap & (cap - 1) or cap < 1:
         raise ValueError(f"candidates must be a power of two, got {cap}")
     bits = 64 if acc == torch.float64 else 32
