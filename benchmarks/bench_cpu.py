@@ -1,37 +1,50 @@
-"""CPU benchmark: GRPO loss fwd+bwd from logits, C++ backend vs eager PyTorch, side by side.
+"""CPU benchmark: GRPO loss fwd+bwd, the C++ backend against eager PyTorch, side by side in one run.
 
 Usage::
 
-    python benchmarks/bench_cpu.py                     # default grid, writes benchmarks/results/cpu_grpo_loss.json
-    python benchmarks/bench_cpu.py --shapes 4096x32000 --dtypes bfloat16 --repeats 3
-    python benchmarks/bench_cpu.py --hidden 1024 --shapes 2048x32000 --dtypes float32   # linear path
+    python benchmarks/bench_cpu.py                  # default grid, writes benchmarks/results/cpu_grpo_loss.json
+    python benchmarks/bench_cpu.py --shapes 4096x32000 --dtypes bfloat16 --repeats 5
+    python benchmarks/bench_cpu.py --hidden 256 --shapes 1024x32000 --dtypes float32   # linear path
+    python benchmarks/bench_cpu.py --floor          # this CPU's copy and exp rates only
 
-Providers:
-    eager        grpo_fused.reference.grpo_loss (TRL-style: fp32 logits, log_softmax, gather, entropy)
-    cpp          grpo_fused.backends.cpp.grpo_loss (fused C++ row kernels)
+Every provider runs twice, with the entropy computed and without (``--entropy on off``), because
+that is the difference a user sees first: TRL computes the per-token entropy only when it logs or
+uses it, and the softmax it needs is most of eager PyTorch's cost.
+
+Providers (logits path; the loss of ``harness.BENCH_CONFIG``: DAPO, eps 0.2 / 0.28, beta 0.04):
+    trl          TRL 1.16's own arithmetic (harness.trl_vocab_pass: selective_log_softmax, the
+                 entropy by entropy_from_logits under no_grad), then the (B, T) tail: the baseline
+    eager        grpo_fused.reference.grpo_loss (fp32 upcast of the logits, logsumexp, gather;
+                 the entropy through the softmax)
+    compile      torch.compile of the trl provider's function (default mode, dynamic=False)
+    cpp          grpo_fused.grpo_loss(backend="cpp") (the fused C++ row kernels)
     cpp_inplace  the same with inplace_backward=True (the gradient overwrites the logits)
-With --hidden H, the linear path instead (gradients of hidden and weight), written to
-cpu_linear_grpo_loss.json:
-    eager_linear grpo_fused.reference.linear_grpo_loss (materializes the fp32 logits)
-    cpp_linear   grpo_fused.backends.cpp.linear_grpo_loss (256 MiB chunks of fp32 logits)
+With --hidden H, the linear path (gradients of hidden and weight), written to cpu_linear_grpo_loss.json:
+    eager_linear    grpo_fused.reference.linear_grpo_loss (materializes the fp32 logits)
+    compile_linear  torch.compile of it
+    cpp_linear      grpo_fused.linear_grpo_loss(backend="cpp") (chunks of fp32 logits)
 
-Each (provider, shape, dtype) runs in a fresh subprocess so that its memory peak is its own.
-Peak memory is the process's resident-set high-water mark (Linux VmHWM, reset through
-/proc/self/clear_refs) during one fwd+bwd, minus the resident size just before it: the
-transient memory the loss needs beyond its inputs (logits, ids, ...), gradient included.
-Time is the wall-clock median of --repeats fwd+bwd calls after one warm-up call; the process
-CPU time (all threads) of the same calls is stored too, as it suffers less from a shared machine.
+Each (provider, entropy, shape, dtype) runs in a fresh subprocess. Time: wall-clock median (and
+min, max) of --repeats fwd+bwd calls after one warm-up call (which includes any compile), and the
+process CPU time of the same calls (all threads; it suffers less from a shared machine). Peak
+memory: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
+during one fwd+bwd minus the resident set just before it, glibc's mmap threshold pinned at
+128 KiB so freed memory leaves the resident set; one settling call, then the least of three.
+That is the transient memory the loss needs beyond its inputs, the gradient included.
 
-Bytes the fused path must move (the floor it is compared with), per fwd+bwd:
-    forward reads the logits once (N*V*s bytes, s = element size), backward reads them once and
-    writes the gradient once (2*N*V*s): 3*N*V*s in all; the O(N) tensors are negligible.
-FLOPs of the linear path, per fwd+bwd: the logits GEMM twice (forward, and recomputed in the
-backward) plus the dhidden and dweight GEMMs: 4 * 2*N*V*H.
+Bytes the fused logits path must move, per fwd+bwd (the floor it is compared with): the forward
+reads the logits once (N*V*s bytes, s = element size), the backward reads them once and writes
+the gradient once (2*N*V*s): 3*N*V*s in all; the O(N) tensors are negligible. It also evaluates
+2*N*V exponentials (the forward's sum, the backward's softmax). --floor measures this CPU's copy
+rate and exp rate, from which benchmarks/README.md derives the floor. FLOPs of the linear path,
+per fwd+bwd: the logits GEMM twice (forward, and recomputed in the backward) plus the dhidden
+and dweight GEMMs: 4 * 2*N*V*H (eager: 3 GEMMs, no recompute).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -42,9 +55,11 @@ import sys
 import time
 
 DEFAULT_SHAPES = ("4096x32000", "2048x151936")
-PROVIDERS = ("eager", "cpp", "cpp_inplace")
-LINEAR_PROVIDERS = ("eager_linear", "cpp_linear")
+PROVIDERS = ("trl", "eager", "compile", "cpp", "cpp_inplace")
+LINEAR_PROVIDERS = ("eager_linear", "compile_linear", "cpp_linear")
+BASELINE, LINEAR_BASELINE = "trl", "eager_linear"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMORY_REPS = 3
 
 
 def _status_kib(field: str) -> int:
@@ -61,91 +76,207 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, repeats: int, threads: int, hidden: int) -> dict:
-    """Runs in the child process: builds inputs, warms up, measures; returns one result row."""
+def _pin_malloc() -> None:
+    # glibc keeps freed blocks below its adaptive mmap threshold (up to 32 MiB) in the heap; pinned
+    # at 128 KiB, a freed tensor leaves the resident set and a new one enters it.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+
+
+def _harness():
+    # The installed package's copy (grpo_fused.benchmarks): the bench then runs against whichever
+    # grpo_fused is installed (a wheel, an editable checkout), never a checkout it happens to sit in.
+    try:
+        from grpo_fused.benchmarks import harness
+    except ImportError:
+        sys.path.append(ROOT)
+        from benchmarks import harness
+    return harness
+
+
+def _build_step(provider: str, inputs: dict, config, hidden: int):
+    """A function running one fwd+bwd and returning the gradients of the leaves."""
     import torch
 
     import grpo_fused as gf
     from grpo_fused import reference as ref
-    from grpo_fused.backends import cpp
+    from grpo_fused.semantics import LossBatch, compute_dtype, grpo_output
 
-    torch.set_num_threads(threads)
-    dtype = getattr(torch, dtype_name)
-    batch = 8
-    seq = tokens // batch
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(batch, seq, vocab, generator=g) * 2).to(dtype).requires_grad_()
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    adv = torch.randn(batch, generator=g)
-    mask = torch.rand(batch, seq, generator=g) > 0.1
-    with torch.no_grad():
-        base = torch.randn(batch, seq, generator=g) - 10.0
-    old = base + 0.1 * torch.randn(batch, seq, generator=g)
-    ref_logps = base + 0.1 * torch.randn(batch, seq, generator=g)
-    config = gf.GRPOConfig(loss_type="dapo", epsilon_high=0.28, beta=0.04)  # entropy computed (default)
+    harness = _harness()
+    ids, adv, mask = inputs["completion_ids"], inputs["advantages"], inputs["completion_mask"]
+    old, ref_logps = inputs["old_logps"], inputs["ref_logps"]
 
-    # torch.autograd.grad rather than .backward(): a leaf's AccumulateGrad would copy the
-    # in-place gradient (it aliases the saved logits); in training the logits' gradient goes on
-    # to the lm_head GEMM and is freed, which is what returning it here models.
-    if provider.startswith("cpp"):
-        assert cpp.availability(torch.device("cpu")) is None, cpp.availability(torch.device("cpu"))
+    def trl_loss(logits):
+        logps, entropy = harness.trl_vocab_pass(logits, ids, config.temperature, config.compute_entropy)
+        dtype = compute_dtype(logits.dtype)
+        batch = LossBatch(ids, adv, mask, old, ref_logps)
+        return grpo_output(logps.to(dtype), None if entropy is None else entropy.to(dtype), batch,
+                           config.params).loss
+
     if hidden:
-        del logits
-        states = (torch.randn(batch, seq, hidden, generator=g)).to(dtype).requires_grad_()
-        weight = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_()
-        linear = ref.linear_grpo_loss if provider == "eager_linear" else cpp.linear_grpo_loss
+        states, weight = inputs["hidden"], inputs["weight"]
 
-        def step():
-            out = linear(states, weight, ids, adv, mask, old, ref_logps, config=config)
-            return torch.autograd.grad(out.loss, (states, weight))[0]
-    elif provider == "eager":
-        def step():
-            out = ref.grpo_loss(logits, ids, adv, mask, old, ref_logps, config=config)
-            return torch.autograd.grad(out.loss, logits)[0]
-    else:
-        inplace = provider == "cpp_inplace"
+        def eager_linear(h, w):
+            return ref.linear_grpo_loss(h, w, ids, adv, mask, old, ref_logps, config=config).loss
 
-        def step():
-            out = cpp.grpo_loss(logits, ids, adv, mask, old, ref_logps, config=config, inplace_backward=inplace)
-            return torch.autograd.grad(out.loss, logits)[0]
+        loss_fn = {
+            "eager_linear": eager_linear,
+            "compile_linear": torch.compile(eager_linear, dynamic=False),
+            "cpp_linear": lambda h, w: gf.linear_grpo_loss(h, w, ids, adv, mask, old, ref_logps, config=config,
+                                                           backend="cpp").loss,
+        }[provider]
+        return lambda: torch.autograd.grad(loss_fn(states, weight), (states, weight))
 
-    grad = step()  # warm-up (and the one-time build / load of the extension)
-    assert torch.isfinite(grad).all()
-    del grad
+    logits = inputs["logits"]
+    loss_fn = {
+        "trl": trl_loss,
+        "eager": lambda x: ref.grpo_loss(x, ids, adv, mask, old, ref_logps, config=config).loss,
+        "compile": torch.compile(trl_loss, dynamic=False),
+        "cpp": lambda x: gf.grpo_loss(x, ids, adv, mask, old, ref_logps, config=config, backend="cpp").loss,
+        "cpp_inplace": lambda x: gf.grpo_loss(x, ids, adv, mask, old, ref_logps, config=config, backend="cpp",
+                                              inplace_backward=True).loss,
+    }[provider]
+    pristine = logits.detach().clone() if provider == "cpp_inplace" else None
+
+    # In training the logits come out of the lm_head (not a leaf): a view makes them a non-leaf.
+    # torch.autograd.grad returns the gradient as the loss produced it (the in-place one is the
+    # logits' own buffer), as the lm_head's backward would receive it.
+    def step():
+        return torch.autograd.grad(loss_fn(logits.view_as(logits)), logits)
+
+    def restore():  # the in-place backward overwrote the logits with their gradient
+        if pristine is not None:
+            with torch.no_grad():
+                logits.copy_(pristine)
+
+    step.restore = restore
+    return step
+
+
+def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, entropy: bool, repeats: int, threads: int,
+            hidden: int) -> dict:
+    """Runs in the child process: builds inputs, warms up, measures; returns one result row."""
+    import torch
+
+    from grpo_fused.backends import cpp
+    from grpo_fused.semantics import GRPOConfig
+
+    harness = _harness()
+    torch.set_num_threads(threads)
+    _pin_malloc()
+    batch = 8
+    case = harness.Case("linear" if hidden else "logits", batch, tokens // batch, vocab, hidden or None, dtype_name)
+    inputs = harness.make_inputs(case, "cpu")
+    config = GRPOConfig(**harness.BENCH_CONFIG, compute_entropy=entropy)
+    capability = library = None
+    if provider.startswith("cpp"):
+        reason = cpp.availability(torch.device("cpu"))
+        assert reason is None, reason
+        ops = torch.ops.grpo_fused_cpp
+        # None for a build older than the run-time dispatch, which has no cpu_capability op.
+        capability = ops.cpu_capability() if hasattr(ops, "cpu_capability") else None
+        prebuilt = sys.modules.get("grpo_fused._C")
+        library = prebuilt.__file__ if prebuilt is not None else sorted(torch.ops.loaded_libraries)
+    step = _build_step(provider, inputs, config, hidden)
+    restore = getattr(step, "restore", lambda: None)
+
+    grads = step()  # warm-up: one-time build / load of the extension, compile
+    assert all(torch.isfinite(g).all() for g in grads)
+    del grads
     times, cpu_times = [], []
-    _reset_peak_rss()
-    before_kib = _status_kib("VmRSS")
     for _ in range(repeats):
+        restore()
         t0, c0 = time.perf_counter(), time.process_time()
-        grad = step()
+        grads = step()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-        del grad
-    peak_extra = (_status_kib("VmHWM") - before_kib) * 1024
-    element = torch.empty(0, dtype=dtype).element_size()
-    floor_bytes = 3 * tokens * vocab * element
+        del grads
+    peaks = []
+    for i in range(MEMORY_REPS + 1):  # the first call settles glibc and the GEMM library's buffers
+        restore()
+        _pin_malloc()
+        _reset_peak_rss()
+        before_kib = _status_kib("VmRSS")
+        grads = step()
+        del grads
+        if i:
+            peaks.append((_status_kib("VmHWM") - before_kib) * 1024)
+    element = torch.empty(0, dtype=case.torch_dtype).element_size()
     median = statistics.median(times)
-    extra = {}
-    if hidden:
-        flops = 4 * 2 * tokens * vocab * hidden
-        extra = dict(hidden=hidden, flops=flops, achieved_gflop_per_s=flops / median / 1e9)
-    return dict(
-        provider=provider,
-        tokens=tokens,
-        vocab=vocab,
-        dtype=dtype_name,
-        threads=threads,
-        times_s=times,
-        median_s=median,
-        min_s=min(times),
-        max_s=max(times),
-        cpu_times_s=cpu_times,
-        median_cpu_s=statistics.median(cpu_times),
-        peak_extra_bytes=peak_extra,
+    row = dict(
+        provider=provider, entropy=entropy, tokens=tokens, vocab=vocab, dtype=dtype_name, threads=threads,
+        cpu_capability=capability, cpp_library=library, times_s=times, median_s=median, min_s=min(times), max_s=max(times),
+        cpu_times_s=cpu_times, median_cpu_s=statistics.median(cpu_times), peak_extra_bytes=min(peaks),
         logits_bytes=tokens * vocab * element,
-        floor_bytes=floor_bytes,
-        achieved_gb_per_s=floor_bytes / median / 1e9,
-        **extra,
+    )
+    if hidden:
+        flops = (3 if provider != "cpp_linear" else 4) * 2 * tokens * vocab * hidden
+        row.update(hidden=hidden, flops=flops, achieved_gflop_per_s=flops / median / 1e9)
+    else:
+        floor_bytes = 3 * tokens * vocab * element
+        row.update(floor_bytes=floor_bytes, achieved_gb_per_s=floor_bytes / median / 1e9)
+    return row
+
+
+def measure_floor(threads: int) -> dict:
+    """This CPU's rates behind the floor: copy bandwidth and the throughput of a vectorized exp."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def median_s(fn, reps=7):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    n_bytes = 512 * 2**20
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    copy = median_s(lambda: dst.copy_(src))
+    fresh = median_s(lambda: torch.empty_like(src).copy_(src))  # the destination page-faulted in
+    # exp: 256 KiB of fp32 (L2-resident) exponentiated many times, one thread: the compute rate of
+    # torch's vectorized exp (not its memory rate; 64k elements make the call overhead negligible).
+    small = torch.randn(65536) - 5
+    out = torch.empty_like(small)
+    reps = 2000
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        exp_s = median_s(lambda: [torch.exp(small, out=out) for _ in range(reps)], reps=3) / (reps * small.numel())
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        big = torch.randn(n_bytes // 4)
+        exp_big_s = median_s(lambda: torch.exp(big, out=dst)) / big.numel()
+        lse_s = median_s(lambda: torch.logsumexp(big.view(-1, 32768), dim=-1)) / big.numel()
+    # The C++ forward on cache-resident rows (8 x 32000 bf16, 512 KiB): its compute rate per logit
+    # (max pass, exp-sum pass), with no memory traffic.
+    kernel_s = None
+    from grpo_fused.backends import cpp
+
+    if cpp.availability(torch.device("cpu")) is None:
+        from grpo_fused.semantics import vocab_values
+
+        rows = (torch.randn(8, 32000) * 2).to(torch.bfloat16)
+        ids = torch.zeros(8, dtype=torch.long)
+        params = vocab_values(1.0)
+        fwd = torch.ops.grpo_fused_cpp.logits_fwd
+        torch.set_num_threads(1)
+        kernel_s = median_s(lambda: [fwd(rows, ids, params, False) for _ in range(500)], reps=5) / (500 * rows.numel())
+        torch.set_num_threads(threads)
+    return dict(
+        threads=threads,
+        cpp_forward_s_per_logit_cached_1_thread=kernel_s,
+        cpu_capability=torch.ops.grpo_fused_cpp.cpu_capability() if kernel_s else None,
+        copy_bytes_per_s=2 * n_bytes / copy,  # read + write
+        copy_into_fresh_bytes_per_s=2 * n_bytes / fresh,
+        torch_exp_s_per_element_l2_1_thread=exp_s,
+        torch_exp_s_per_element_512mib=exp_big_s,
+        torch_logsumexp_s_per_element_512mib=lse_s,
     )
 
 
@@ -162,6 +293,11 @@ def _machine() -> dict:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         rev = ""
+    # Which build of the C++ extension the cpp providers load: a prebuilt grpo_fused._C (setup.py,
+    # a wheel) takes precedence over the just-in-time build.
+    probe = ("import importlib.util as u; s = u.find_spec('grpo_fused._C'); "
+             "print('prebuilt grpo_fused._C' if s else 'just-in-time build')")
+    install = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
     return dict(
         device=f"CPU: {cpu}",
         cores=os.cpu_count(),
@@ -169,82 +305,110 @@ def _machine() -> dict:
         python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_rev=rev,
+        cpp_extension=install,
         # A shared machine slows every provider; the 1-minute load average says how shared it was.
         load_average_1min=os.getloadavg()[0],
     )
 
 
+def _summary(results, hidden: bool):
+    """Ratios against the baseline (trl; eager_linear for the linear path) and every other eager
+    provider, per (shape, dtype, entropy)."""
+    out = []
+    keys = sorted({(r["tokens"], r["vocab"], r["dtype"], r["entropy"]) for r in results})
+    for tokens, vocab, dtype, entropy in keys:
+        rows = {r["provider"]: r for r in results
+                if (r["tokens"], r["vocab"], r["dtype"], r["entropy"]) == (tokens, vocab, dtype, entropy)}
+        refs = [p for p in (("eager_linear", "compile_linear") if hidden else ("trl", "eager", "compile")) if p in rows]
+        for provider in (("cpp_linear",) if hidden else ("cpp", "cpp_inplace")):
+            if provider not in rows:
+                continue
+            c = rows[provider]
+            s = dict(provider=provider, tokens=tokens, vocab=vocab, dtype=dtype, entropy=entropy)
+            for base in refs:
+                e = rows[base]
+                s[f"speedup_vs_{base}"] = e["median_s"] / c["median_s"]
+                s[f"cpu_time_ratio_vs_{base}"] = e["median_cpu_s"] / c["median_cpu_s"]
+                # None when the fused path's peak is under 1 MiB (in place): no meaningful ratio.
+                s[f"memory_ratio_vs_{base}"] = (e["peak_extra_bytes"] / c["peak_extra_bytes"]
+                                                if c["peak_extra_bytes"] >= 2**20 else None)
+            out.append(s)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="NxV token x vocab sizes")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS + LINEAR_PROVIDERS)
+    parser.add_argument("--entropy", nargs="+", choices=("on", "off"), default=["off", "on"])
     parser.add_argument("--hidden", type=int, default=0, help="H > 0 benchmarks the linear path")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--floor", action="store_true", help="measure this CPU's copy and exp rates only")
     parser.add_argument("--out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.child:
+        provider, tokens, vocab, dtype, entropy = args.child.split(",")
+        row = run_one(provider, int(tokens), int(vocab), dtype, entropy == "on", args.repeats, args.threads,
+                      args.hidden)
+        print("RESULT " + json.dumps(row))
+        return
+    if args.floor:
+        floor = measure_floor(args.threads)
+        print(json.dumps(dict(machine=_machine(), floor=floor), indent=1))
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(dict(machine=_machine(), floor=floor), f, indent=1)
+        return
     if args.providers is None:
         args.providers = list(LINEAR_PROVIDERS if args.hidden else PROVIDERS)
     if args.out is None:
         name = "cpu_linear_grpo_loss.json" if args.hidden else "cpu_grpo_loss.json"
         args.out = os.path.join(ROOT, "benchmarks", "results", name)
 
-    if args.child:
-        provider, tokens, vocab, dtype = args.child.split(",")
-        row = run_one(provider, int(tokens), int(vocab), dtype, args.repeats, args.threads, args.hidden)
-        print("RESULT " + json.dumps(row))
-        return
-
+    machine = _machine()
+    print(f"{machine['device']}, {args.threads} threads, torch {machine['torch']}, C++ extension: "
+          f"{machine['cpp_extension']}", flush=True)
     results = []
     for shape in args.shapes:
         tokens, vocab = (int(x) for x in shape.lower().split("x"))
         for dtype in args.dtypes:
-            for provider in args.providers:
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{provider},{tokens},{vocab},{dtype}",
-                       "--repeats", str(args.repeats), "--threads", str(args.threads), "--hidden", str(args.hidden)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    print(f"{provider} {shape} {dtype}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                row = json.loads(lines[-1][len("RESULT "):])
-                results.append(row)
-                print(f"{provider:12s} N={tokens:6d} V={vocab:6d} {dtype:9s} median {row['median_s'] * 1e3:9.1f} ms "
-                      f"(cpu {row['median_cpu_s'] * 1e3:9.1f} ms)  "
-                      f"peak extra {row['peak_extra_bytes'] / 2**20:8.0f} MiB  " + (
-                          f"({row['achieved_gflop_per_s']:.1f} GFLOP/s)" if args.hidden else
-                          f"({row['achieved_gb_per_s']:.1f} GB/s of the 3*N*V*s floor)"), flush=True)
+            for entropy in args.entropy:
+                for provider in args.providers:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child",
+                           f"{provider},{tokens},{vocab},{dtype},{entropy}", "--repeats", str(args.repeats),
+                           "--threads", str(args.threads), "--hidden", str(args.hidden)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        print(f"{provider} {shape} {dtype} entropy {entropy}: failed\n{proc.stderr[-2000:]}",
+                              file=sys.stderr)
+                        continue
+                    row = json.loads(lines[-1][len("RESULT "):])
+                    results.append(row)
+                    rate = (f"{row['achieved_gflop_per_s']:.1f} GFLOP/s" if args.hidden else
+                            f"{row['achieved_gb_per_s']:.1f} GB/s of the 3*N*V*s floor")
+                    print(f"{provider:14s} N={tokens:6d} V={vocab:6d} {dtype:9s} entropy {entropy:3s} "
+                          f"median {row['median_s'] * 1e3:8.1f} ms (min {row['min_s'] * 1e3:8.1f}, "
+                          f"cpu {row['median_cpu_s'] * 1e3:8.1f})  peak extra "
+                          f"{row['peak_extra_bytes'] / 2**20:7.0f} MiB  ({rate})", flush=True)
 
-    summary = []
-    for shape in args.shapes:
-        tokens, vocab = (int(x) for x in shape.lower().split("x"))
-        for dtype in args.dtypes:
-            rows = {r["provider"]: r for r in results if (r["tokens"], r["vocab"], r["dtype"]) == (tokens, vocab, dtype)}
-            baseline = "eager_linear" if args.hidden else "eager"
-            if baseline not in rows:
-                continue
-            for provider in ("cpp", "cpp_inplace", "cpp_linear"):
-                if provider in rows:
-                    e, c = rows[baseline], rows[provider]
-                    summary.append(dict(
-                        provider=provider, tokens=tokens, vocab=vocab, dtype=dtype,
-                        speedup_vs_eager=e["median_s"] / c["median_s"],
-                        cpu_time_ratio_vs_eager=e["median_cpu_s"] / c["median_cpu_s"],
-                        # None when the fused path's peak is under 1 MiB (in place): no meaningful ratio.
-                        memory_ratio_vs_eager=(e["peak_extra_bytes"] / c["peak_extra_bytes"]
-                                               if c["peak_extra_bytes"] >= 2**20 else None),
-                    ))
+    summary = _summary(results, bool(args.hidden))
     for s in summary:
-        ratio = s["memory_ratio_vs_eager"]
-        memory = "under 1 MiB of peak memory" if ratio is None else f"{ratio:.1f}x less peak memory"
-        print(f"{s['provider']:12s} N={s['tokens']} V={s['vocab']} {s['dtype']}: {s['speedup_vs_eager']:.2f}x faster, "
-              f"{memory} than eager "
-              f"({s['cpu_time_ratio_vs_eager']:.2f}x less CPU time)")
+        parts = []
+        for base in (("eager_linear", "compile_linear") if args.hidden else ("trl", "eager", "compile")):
+            if f"speedup_vs_{base}" in s:
+                mem = s[f"memory_ratio_vs_{base}"]
+                parts.append(f"{s[f'speedup_vs_{base}']:.2f}x faster than {base}"
+                             + ("" if mem is None else f" ({mem:.1f}x less memory)"))
+        print(f"{s['provider']:12s} N={s['tokens']} V={s['vocab']} {s['dtype']} entropy "
+              f"{'on' if s['entropy'] else 'off'}: " + ", ".join(parts))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(dict(machine=_machine(), results=results, summary=summary), f, indent=1)
+        json.dump(dict(machine=machine, results=results, summary=summary), f, indent=1)
     print(f"wrote {args.out}")
 
 
