@@ -288,7 +288,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
   const int64_t hidden_size = hidden.size(1);
   Tensor dhidden = at::empty({chunks.rows, hidden_size}, chunks.opts);
   compute_dbias = compute_dbias && bias.has_value();
-  Tensor dweight = at::zeros({compute_dweight ? chunks.vocab : 0, compute_dweight ? hidden_size : 0}, chunks.opts);
+  // The first chunk writes dweight, the others add to it (no zero fill, no read of zeros).
+  Tensor dweight = at::empty({compute_dweight ? chunks.vocab : 0, compute_dweight ? hidden_size : 0}, chunks.opts);
+  if (chunks.rows == 0) dweight.zero_();  // no chunk: the gradient of an empty batch is 0
   Tensor dbias = at::zeros({compute_dbias ? chunks.vocab : 0}, chunks.opts);
   chunks.for_each(hidden, [&](int64_t start, int64_t n, const Tensor& h, Tensor& logits) {
     logits_bwd_inplace(grad_logps.narrow(0, start, n), has_entropy_grad ? grad_entropy.narrow(0, start, n) : grad_entropy,
@@ -297,7 +299,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
     const Tensor& dlogits = logits;  // (n, V), overwritten in place above
     Tensor dhidden_chunk = dhidden.narrow(0, start, n);
     at::mm_out(dhidden_chunk, dlogits, chunks.ops.weight);
-    if (compute_dweight) dweight.addmm_(dlogits.t(), h);
+    if (compute_dweight) {
+      if (start == 0) {
+        at::mm_out(dweight, dlogits.t(), h);
+      } else {
+        dweight.addmm_(dlogits.t(), h);
+      }
+    }
     if (compute_dbias) dbias.add_(dlogits.sum(0));
   });
   return {dhidden.to(hidden.scalar_type()), dweight.to(weight.scalar_type()),
