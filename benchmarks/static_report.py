@@ -18,6 +18,11 @@ the grid, so a launch at N = 16 compiles to the same binary as at N = 16384 (the
 key -- dtypes, constexprs, 16-divisibility -- is the same, and the report prints it). The byte and
 FLOP models use the DESIGN N.
 
+The sampling-support scenarios (``sampling-*``, ``grpo-sampling``, ``linear-chunked-sampling``) add
+the cutoff kernel (:mod:`grpo_fused.kernels.sampling_support`), whose sweeps are told apart by role
+(:func:`cutoff_sweeps`), and the row kernels' ``SUPPORT`` specializations; :func:`sampling_model`
+turns them into the extra bytes and time of a sampling rule on the logits path.
+
 Per kernel it reports: registers, spills (ptxas ``-v``), stack, shared memory, CTAs per SM (from
 registers, shared memory and warps, H100 limits), 16-byte global loads / stores (SASS
 ``LDG.E.128`` / ``STG.E.128``, and PTX ``ld/st.global.v4``), the innermost loops of the SASS with
@@ -392,6 +397,7 @@ STREAMED_ARG = {
     "_selective_log_softmax_fwd_kernel": "logits_ptr",
     "_selective_log_softmax_bwd_kernel": "logits_ptr",
     "_grpo_logits_fwd_kernel": "logits_ptr",
+    "_sampling_cutoff_kernel": "logits_ptr",
 }
 
 
@@ -541,6 +547,20 @@ def _selective_log_softmax(shapes: Shapes):
     (logps.sum() + entropy.sum()).backward()
 
 
+def _sampled_log_softmax(**rule):
+    def run(shapes: Shapes):
+        import torch
+
+        import grpo_fused as gf
+
+        logits = _logits(torch, shapes, 1, shapes.tokens)[0]
+        ids = torch.zeros(shapes.tokens, dtype=torch.int64)
+        logps, entropy = gf.selective_log_softmax(logits, ids, compute_entropy=True, backend="triton", **rule)
+        (logps.sum() + entropy.sum()).backward()
+
+    return run
+
+
 def _linear_grpo_loss(strategy: str, dtype: str, bias: bool = False, **config_kwargs):
     def run(shapes: Shapes):
         import torch
@@ -587,6 +607,17 @@ SCENARIOS: Dict[str, Tuple[str, str, Callable[[Shapes], None]]] = {
     "linear-chunked-bf16": ("linear_grpo_loss", "strategy chunked, bf16 (cuBLAS GEMMs + row kernels on fp32 logits)",
                             _linear_grpo_loss("chunked", "bfloat16")),
     "group-advantages": ("group_advantages", "2^20 rewards, groups of 8", _group_advantages),
+    # Sampling-support replay: the cutoff search, then the row kernels over the support.
+    "sampling-top-k-top-p": ("selective_log_softmax", "top_k 50 + top_p 0.95 (vLLM's Triton tie rule), entropy",
+                             _sampled_log_softmax(top_k=50, top_p=0.95)),
+    "sampling-top-p": ("selective_log_softmax", "top_p 0.7 alone: the same compiled kernels (numbers are data)",
+                       _sampled_log_softmax(top_p=0.7)),
+    "sampling-top-k-all-ties": ("selective_log_softmax", "top_k 50 keeping every tie (vLLM's PyTorch rule)",
+                                _sampled_log_softmax(top_k=50, top_k_ties="all")),
+    "grpo-sampling": ("grpo_loss", "token-level dapo, beta 0.04, top_p 0.95: vocab op on the support + (B, T) tail",
+                      _grpo_loss(dict(loss_type="dapo", beta=0.04, top_p=0.95))),
+    "linear-chunked-sampling": ("linear_grpo_loss", "strategy chunked, bf16, top_p 0.95 (cutoff on fp32 chunk logits)",
+                                _linear_grpo_loss("chunked", "bfloat16", top_p=0.95)),
 }
 
 
@@ -646,6 +677,63 @@ def logits_path_model(N: int, V: int, elem: int, fwd: Optional[Dict[str, Any]], 
         "bound": "memory" if f_pred <= f_floor * 1.0001 and b_pred <= b_floor * 1.0001 else "issue",
         "predicted_vs_design_floor": design_floor / (f_pred + b_pred),
     }
+
+
+def cutoff_sweeps(kernel: Optional[Dict[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
+    """The sampling cutoff kernel's streaming loops by role, in source order (SASS keeps it): the
+    max sweep (the first loop that loads, no ex2), the ladder sweep (the first with ex2), the
+    refining sweeps (the other ex2 loops), the gather sweeps (the loops that store) and the tie
+    sweep (the last loop that loads). Loops that load nothing (the scalar bisections) are left out."""
+    roles: Dict[str, Optional[Dict[str, Any]]] = dict.fromkeys(("max", "ladder", "refine", "gather", "tie"))
+    loads = [loop for loop in (kernel or {}).get("loops", []) if loop["ldg"] > 0]
+    if not loads:
+        return roles
+    ex2 = [loop for loop in loads if loop["mufu_ex2"] > 0]
+    stores = [loop for loop in loads if loop["stg"] > 0]
+    slowest = lambda loops: max(loops, key=lambda loop: loop["per_8_columns"] or 0) if loops else None  # noqa: E731
+    roles.update(max=loads[0], ladder=ex2[0] if ex2 else None, refine=slowest(ex2[1:]), gather=slowest(stores),
+                 tie=loads[-1] if loads[-1] not in ex2 + stores + [loads[0]] else None)
+    return roles
+
+
+def sampling_model(N: int, V: int, elem: int, cutoff: Optional[Dict[str, Any]], fwd: Optional[Dict[str, Any]],
+                   bwd: Optional[Dict[str, Any]], masked_fraction: float, sweep_bound: int, refine_bound: int,
+                   device: DeviceModel = H100) -> Dict[str, Any]:
+    """Bytes and time of sampling-support replay on the logits path (grpo_loss with top_k / top_p /
+    min_p: the cutoff kernel on every masked-in row, then the vocab op's forward and backward over
+    the support), against the same path without a rule.
+
+    Extra bytes: ``sweeps x N_active x V x elem`` (every sweep reads the row once; the gather's
+    scratch writes are a few KB a row). Sweeps a row: one stage (top-p or top-k alone) 3: max,
+    ladder, gather; both stages 4 (a second gather when top-p's cutoff lies above top-k's
+    candidates); the bound ``sweep_bound`` (each stage refining ``refine_bound`` times, one tie
+    sweep). Each sweep is predicted as the slowest of HBM and instruction issue from its compiled
+    loop; the row kernels over the support as :func:`logits_path_model`. The cutoff kernel holds
+    one 256-thread program an SM (registers): 132 rows of ``V x elem`` bytes resident between
+    their sweeps, which fit L2 (:func:`two_pass_l2_check`, 1 CTA an SM), so the repeat sweeps may
+    read L2 rather than HBM; the prediction charges HBM.
+    """
+    roles = cutoff_sweeps(cutoff)
+    active = (1.0 - masked_fraction) * N * V
+    sweep_ms = {}
+    for role, loop in roles.items():
+        if loop is not None:
+            floor, predicted = _pass_time(active * elem, active, {"streaming_loop": loop}, device)
+            sweep_ms[role] = {"floor": floor * 1e3, "predicted": predicted * 1e3,
+                              "per_8_columns": loop["per_8_columns"]}
+    plans = {"one_stage": {"max": 1, "ladder": 1, "gather": 1},
+             "two_stages": {"max": 1, "ladder": 1, "gather": 2},
+             "bound": {"max": 1, "ladder": 1, "refine": 2 * refine_bound, "gather": 2, "tie": 1}}
+    base = logits_path_model(N, V, elem, fwd, bwd, masked_fraction, True, device)
+    out: Dict[str, Any] = {"sweep_ms": sweep_ms, "label": PREDICTED, "support_kernels": base}
+    for name, plan in plans.items():
+        sweeps = sum(plan.values())
+        ms = sum(count * sweep_ms.get(role, {}).get("predicted", float("nan")) for role, count in plan.items())
+        out[name] = {"sweeps": sweeps, "extra_bytes": sweeps * active * elem, "cutoff_ms": ms,
+                     "total_ms": ms + base["ms"]["predicted"]}
+    assert plans["bound"]["max"] + plans["bound"]["ladder"] + plans["bound"]["refine"] + plans["bound"]["gather"] + \
+        plans["bound"]["tie"] == sweep_bound, "the plan of the bound must add up to the kernel's sweep bound"
+    return out
 
 
 def two_pass_l2_check(V: int, elem: int, ctas_per_sm: Sequence[int], device: DeviceModel = H100) -> List[Dict[str, Any]]:
@@ -805,6 +893,20 @@ def models(kernels: List[Dict[str, Any]], masked_fraction: float = BENCH_MASKED_
     tiled_bwd = blocks(_find(kernels, "_linear_lse_bwd_kernel", hidden="*bf16/16"))
     for n_label, n in (("N16k", N), ("N128k", NL)):
         out[f"linear_grpo_loss/{n_label}"] = linear_model(n, V, H, elem, tiled_fwd, tiled_bwd, device)
+    # Sampling-support replay: the cutoff kernel and the row kernels over the support (bf16 logits).
+    from grpo_fused.kernels.sampling_support import refine_sweep_bound, sweep_bound
+
+    cutoff = _find(kernels, "_sampling_cutoff_kernel", logits_ptr="*bf16/16", HAS_ROW_MASK="True") or \
+        _find(kernels, "_sampling_cutoff_kernel", logits_ptr="*bf16/16")
+    support_fwd = _find(kernels, "_selective_log_softmax_fwd_kernel", logits_ptr="*bf16/16", SUPPORT="True",
+                        COMPUTE_ENTROPY="True")
+    support_bwd = _find(kernels, "_selective_log_softmax_bwd_kernel", logits_ptr="*bf16/16", SUPPORT="True")
+    if cutoff is not None:
+        for n_label, n in (("N16k", N), ("N128k", NL)):
+            out[f"sampling/grpo_loss/{n_label}"] = sampling_model(
+                n, V, elem, cutoff, support_fwd, support_bwd, masked_fraction, sweep_bound(32),
+                refine_sweep_bound(32), device)
+        out["sampling/l2_check"] = two_pass_l2_check(V, elem, (cutoff.get("ctas_per_sm") or 1,), device)
     B = DESIGN_SHAPES["rewards"]
     adv_bytes = B * (4 + 4 + 4 + 8)  # rewards in; advantages, combined rewards, group index out
     out["group_advantages/1M"] = {"bytes": adv_bytes, "ms": {"floor": adv_bytes / device.hbm_bytes_per_s * 1e3}}
@@ -892,6 +994,16 @@ def model_table(report: Dict[str, Any]) -> str:
                         f"{x['ms']['floor']:.2f} ms (DESIGN 3-pass floor {x['ms']['design_floor']:.2f} ms) | "
                         f"{x['ms']['predicted']:.2f} ms ({x['bound']}-bound) |")
     for n_label, n in (("N16k", 16384), ("N128k", 131072)):
+        x = m.get(f"sampling/grpo_loss/{n_label}")
+        if not x:
+            continue
+        plain = m.get(f"grpo_loss/entropy/{n_label}/skip_masked", {}).get("ms", {}).get("predicted", float("nan"))
+        for plan in ("one_stage", "two_stages", "bound"):
+            y = x[plan]
+            rows.append(f"| grpo_loss fwd+bwd with a sampling rule ({plan.replace('_', ' ')}: {y['sweeps']} cutoff "
+                        f"sweeps) | {n} | +{y['extra_bytes'] / 1e9:.1f} GB | | {y['total_ms']:.1f} ms "
+                        f"(cutoff {y['cutoff_ms']:.1f}; plain path {plain:.2f}) |")
+    for n_label, n in (("N16k", 16384), ("N128k", 131072)):
         x = m.get(f"linear_grpo_loss/{n_label}")
         if not x:
             continue
@@ -907,9 +1019,27 @@ def model_table(report: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def cutoff_table(report: Dict[str, Any]) -> str:
+    """The sampling cutoff kernel's sweeps (SASS instructions per 8 columns a thread, by role)."""
+    roles = ("max", "ladder", "refine", "gather", "tie")
+    rows = ["| sampling cutoff kernel | regs | spills (st/ld B) | CTAs/SM | " + " | ".join(roles) + " |",
+            "|---|---:|---:|---:|" + "---:|" * len(roles)]
+    for k in report["kernels"]:
+        if k.get("kernel") != "_sampling_cutoff_kernel" or "error" in k:
+            continue
+        spec = k["specialization"]
+        flags = [f"{a}={v}" for a, v in spec.items() if a.isupper() and v == "True"]
+        sweeps = cutoff_sweeps(k)
+        rows.append("| {} | {} | {}/{} | {} | {} |".format(
+            " ".join([spec.get("logits_ptr", "")] + flags), k["registers"], k["spill_stores"], k["spill_loads"],
+            k["ctas_per_sm"], " | ".join(str((sweeps[r] or {}).get("per_8_columns", "")) for r in roles)))
+    return "\n".join(rows)
+
+
 def render(report: Dict[str, Any]) -> str:
     return (f"Static sm_90a report ({report['versions']}, git {report['git']}, {report['date']}); "
-            f"every time below is {PREDICTED}.\n\n" + kernel_table(report) + "\n\n" + model_table(report) + "\n")
+            f"every time below is {PREDICTED}.\n\n" + kernel_table(report) + "\n\n" + cutoff_table(report) + "\n\n"
+            + model_table(report) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

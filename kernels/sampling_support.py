@@ -38,9 +38,17 @@ scratch of :data:`CANDIDATES` values and columns):
 
 Sweeps a row: typically 3 (max, ladder, gather) for one stage, 4 for top-k and top-p; at most
 :func:`sweep_bound` (32-bit keys: 2 + 2 x (13 + 1) + 1 = 31), since key-space pivots leave at most
-``ceil(d / (PIVOTS + 1))`` of ``d`` keys (9**11 > 2**32). Static sm_90a figures and the predicted
-cost at N = 16384, V = 151936 bf16: ``benchmarks/static_report.py`` (the ``sampling-*`` scenarios;
-predicted, not measured on GPU).
+``ceil(d / (PIVOTS + 1))`` of ``d`` keys (9**11 > 2**32).
+
+Cost (static sm_90a report, ``benchmarks/static_report.py``, bf16, V = 151936; predicted, not
+measured on GPU): 231 registers, no spills, one 8-warp program an SM; SASS instructions per 8
+columns a thread: max 23 (memory-bound), ladder 307, refine 326, gather 302, tie 207, against ~141
+for a bf16 sweep to be memory-bound on an H100: the pivot and gather sweeps are issue-bound, ~2.1x
+a memory sweep (9 pivots x a compare, an add and an FMA a column; a block-wide ``tl.cumsum`` a
+tile). At N = 16384 with 25 % of the rows masked: 3 sweeps (+11.2 GB of reads) ~5.9 ms, 4 sweeps
+~8.3 ms, the 31-sweep bound ~77 ms; the row kernels over the support stay memory-bound (100 / 86
+per 8 columns), so a sampling rule takes the loss from ~3.7 ms to ~9.6 ms (one stage). Compiling
+the kernel takes 10-18 s a specialization (two in-register sorts of ``CANDIDATES`` keys).
 
 Layers: :func:`sampling_cutoff` (entry point) -> ``torch.ops.grpo_fused.triton_sampling_cutoff`` ->
 :func:`cutoff_launch` (validate, allocate, launch) -> the kernel.
