@@ -8,6 +8,7 @@
 ``linear_chunked``                hidden states -> log-probs by token chunks (GEMM + row kernels)
 ``linear_tiled``                  hidden states -> log-probs with logit tiles on chip
 ``group_advantages``              segmented group statistics and advantages
+``sampling_support``              per-row cutoff of a sampling rule (top-k / top-p / min-p)
 ``splits``                        chunk policy and split merge (plain torch, no Triton)
 ================================  ============================================================
 

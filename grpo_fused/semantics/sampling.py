@@ -28,7 +28,9 @@ Kernels read the numbers as data (the ``TOP_K``, ``TOP_P`` and ``LOG_MIN_P`` slo
 
 **Kernel form.** Every stage keeps a prefix of the order (descending ``z``, then ascending id), so
 the support of a row is one cutoff ``(tau, ties_kept)``: token ``v`` is kept when ``z[v] > tau``, or
-``z[v] == tau`` and fewer than ``ties_kept`` tokens with ``z == tau`` have a lower id. A kernel finds
+``z[v] == tau`` and fewer than ``ties_kept`` tokens with ``z == tau`` have a lower id (equivalently:
+``z[v] == tau`` and ``v`` below the id ``tie_end`` just past the last kept tie, the form the Triton
+kernels store, which a vocabulary slice can use without counting earlier columns). A kernel finds
 the cutoff with a bounded number of sweeps over the row (no sort, no ``(N, V)`` mask), in the
 compute dtype, from ``z`` computed exactly as its vocabulary pass computes it; the top-p mass is
 then summed in that dtype, so a token whose preceding mass lies within rounding of ``p`` may fall
