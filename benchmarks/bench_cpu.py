@@ -22,6 +22,9 @@ Providers (logits path; the loss of ``harness.BENCH_CONFIG``: DAPO, eps 0.2 / 0.
 With --hidden H, the linear path (gradients of hidden and weight), written to cpu_linear_grpo_loss.json:
     eager_linear    grpo_fused.reference.linear_grpo_loss (materializes the fp32 logits)
     compile_linear  torch.compile of it
+    trl_linear      TRL 1.16's own fused LM head, trl.kernels.ChunkedLogProbFunction (what GRPOTrainer
+                    runs: token chunks of 4096 x vocab chunks of 32768, torch ops off Triton devices,
+                    the entropy when asked), then the (B, T) tail; needs trl installed
     cpp_linear      grpo_fused.linear_grpo_loss(backend="cpp") (chunks of fp32 logits)
 
 Each (provider, entropy, shape, dtype) runs in a fresh subprocess. Time: wall-clock median (and
@@ -56,7 +59,7 @@ import time
 
 DEFAULT_SHAPES = ("4096x32000", "2048x151936")
 PROVIDERS = ("trl", "eager", "compile", "cpp", "cpp_inplace")
-LINEAR_PROVIDERS = ("eager_linear", "compile_linear", "cpp_linear")
+LINEAR_PROVIDERS = ("eager_linear", "compile_linear", "trl_linear", "cpp_linear")
 BASELINE, LINEAR_BASELINE = "trl", "eager_linear"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY_REPS = 3
@@ -121,9 +124,21 @@ def _build_step(provider: str, inputs: dict, config, hidden: int):
         def eager_linear(h, w):
             return ref.linear_grpo_loss(h, w, ids, adv, mask, old, ref_logps, config=config).loss
 
+        def trl_linear(h, w):
+            from trl.kernels import ChunkedLogProbFunction
+
+            wanted = ("entropy",) if config.compute_entropy else ()
+            per_token = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, ids.reshape(-1),
+                                                     config.temperature, 32768, None, 1.0, wanted)
+            logps, entropy = per_token[0].view(ids.shape), per_token[1]
+            batch = LossBatch(ids, adv, mask, old, ref_logps)
+            return grpo_output(logps.float(), None if entropy is None else entropy.view(ids.shape).float(), batch,
+                               config.params).loss
+
         loss_fn = {
             "eager_linear": eager_linear,
             "compile_linear": torch.compile(eager_linear, dynamic=False),
+            "trl_linear": trl_linear,
             "cpp_linear": lambda h, w: gf.linear_grpo_loss(h, w, ids, adv, mask, old, ref_logps, config=config,
                                                            backend="cpp").loss,
         }[provider]
@@ -212,7 +227,8 @@ def run_one(provider: str, tokens: int, vocab: int, dtype_name: str, entropy: bo
         logits_bytes=tokens * vocab * element,
     )
     if hidden:
-        flops = (3 if provider != "cpp_linear" else 4) * 2 * tokens * vocab * hidden
+        # The fused paths (ours, TRL's) recompute the logits GEMM in the backward: 4 GEMMs, eager 3.
+        flops = (4 if provider in ("cpp_linear", "trl_linear") else 3) * 2 * tokens * vocab * hidden
         row.update(hidden=hidden, flops=flops, achieved_gflop_per_s=flops / median / 1e9)
     else:
         floor_bytes = 3 * tokens * vocab * element
@@ -319,7 +335,8 @@ def _summary(results, hidden: bool):
     for tokens, vocab, dtype, entropy in keys:
         rows = {r["provider"]: r for r in results
                 if (r["tokens"], r["vocab"], r["dtype"], r["entropy"]) == (tokens, vocab, dtype, entropy)}
-        refs = [p for p in (("eager_linear", "compile_linear") if hidden else ("trl", "eager", "compile")) if p in rows]
+        refs = [p for p in (("eager_linear", "compile_linear", "trl_linear") if hidden else ("trl", "eager", "compile"))
+                if p in rows]
         for provider in (("cpp_linear",) if hidden else ("cpp", "cpp_inplace")):
             if provider not in rows:
                 continue
@@ -399,7 +416,7 @@ def main(argv=None) -> None:
     summary = _summary(results, bool(args.hidden))
     for s in summary:
         parts = []
-        for base in (("eager_linear", "compile_linear") if args.hidden else ("trl", "eager", "compile")):
+        for base in (("eager_linear", "compile_linear", "trl_linear") if args.hidden else ("trl", "eager", "compile")):
             if f"speedup_vs_{base}" in s:
                 mem = s[f"memory_ratio_vs_{base}"]
                 parts.append(f"{s[f'speedup_vs_{base}']:.2f}x faster than {base}"
