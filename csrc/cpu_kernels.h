@@ -23,6 +23,21 @@ struct RowLayout {
   }
 };
 
+// The sampler's truncation (grpo_fused.semantics.SamplingRule) as the params slots hold it; each
+// stage is off at its neutral value.
+struct SamplingNumbers {
+  int64_t top_k;     // keep the top_k most probable tokens; 0: off
+  double top_p;      // keep the most probable prefix of mass top_p; 1: off
+  double log_min_p;  // keep z - max z >= log_min_p; -inf: off
+  bool top_k_all_ties;  // top-k keeps every token tied with the k-th (else exactly k, lowest ids first)
+};
+
+// A sampling support's cutoff per row, (rows, 2) float64: [tau, tie_end]. Token v of the row is kept
+// when z[v] > tau, or z[v] == tau and v < tie_end (sampling_support.h finds it; tau is an exact
+// float / double value and tie_end an integer, both exact in float64). tau = NaN marks a row with a
+// NaN logit (nothing kept, NaN outputs).
+constexpr int kCutoffFields = 2;
+
 // Per-row outputs / inputs are contiguous (rows,) vectors of the accumulation type: float, or
 // double for double logits. `ids` are already checked to lie in [0, vocab).
 struct ForwardJob {
@@ -35,6 +50,10 @@ struct ForwardJob {
   void* logps;
   void* lse;
   void* entropy_out;
+  // Sampling support (null: the softmax of every token): find each row's cutoff, write it to
+  // `cutoff`, and run the softmax over the kept tokens only.
+  const SamplingNumbers* sampling = nullptr;
+  double* cutoff = nullptr;
 };
 
 // dlogits_j = dz_j * scale with dz_j = g_logp * (1[j == id] - p_j) - g_entropy * p_j * (logp_j + H).
@@ -51,6 +70,7 @@ struct BackwardJob {
   const void* entropy;       // null when grad_entropy is null
   const void* grad_logps;
   const void* grad_entropy;  // null: no entropy term
+  const double* cutoff = nullptr;  // (rows, 2) from the forward: zero gradient at dropped tokens; null: none
 };
 
 // One instruction set's kernels. Each call handles rows [begin, end); the caller splits the rows

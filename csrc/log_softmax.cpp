@@ -1,7 +1,9 @@
 // Selective log-softmax on CPU: per-token logp = z[id] - logsumexp(z) and entropy, z = logits / T,
 // from logits (the "logits" ops) or from hidden states and the lm_head weight, chunk by chunk
-// (the "linear" ops). Schemas are in registration.cpp; the row kernels (row_math.h) are compiled
-// once per instruction set (kernels_*.cpp) and chosen at run time here (select_kernels).
+// (the "linear" ops); the "_support" forwards score under the sampler's truncated distribution
+// (sampling_support.h) and return each row's cutoff, which the backwards then take. Schemas are in
+// registration.cpp; the row kernels (row_math.h) are compiled once per instruction set
+// (kernels_*.cpp) and chosen at run time here (select_kernels).
 // Per-operator headers instead of ATen/ATen.h: a third of the compile time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -96,35 +98,89 @@ double inv_temperature_of(const Tensor& params) {
   return scale;
 }
 
+// The sampler's truncation from the params slots (grpo_fused.semantics.sampling_slots writes them).
+SamplingNumbers sampling_numbers_of(const Tensor& params, bool top_k_all_ties) {
+  const double top_k = param(params, kSlotTopK);
+  const double top_p = param(params, kSlotTopP);
+  const double log_min_p = param(params, kSlotLogMinP);
+  TORCH_CHECK(top_k >= 0 && top_k == std::floor(top_k) && top_k < 9.0e15, "params[", kSlotTopK,
+              "] (top_k) must be a whole number >= 0 (0: off), got ", top_k);
+  TORCH_CHECK(top_p > 0 && top_p <= 1, "params[", kSlotTopP, "] (top_p) must be in (0, 1] (1: off), got ", top_p);
+  TORCH_CHECK(log_min_p < 0, "params[", kSlotLogMinP, "] (log(min_p)) must be < 0 (-inf: off), got ", log_min_p);
+  return {static_cast<int64_t>(top_k), top_p, log_min_p, top_k_all_ties};
+}
+
+// The cutoff of a sampling support, as the forwards return it and the backwards take it.
+void check_cutoff(const Tensor& cutoff, int64_t rows) {
+  TORCH_CHECK(cutoff.device().is_cpu() && cutoff.scalar_type() == at::kDouble && cutoff.dim() == 2 &&
+                  cutoff.size(0) == rows && cutoff.size(1) == kCutoffFields && cutoff.is_contiguous(),
+              "cutoff must be a contiguous (", rows, ", ", kCutoffFields, ") float64 CPU tensor, got ", cutoff.sizes(),
+              " ", cutoff.scalar_type());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Logits ops.
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor& ids, const Tensor& params,
-                                              bool compute_entropy) {
+struct ForwardOutputs {
+  Tensor logps, lse, entropy;
+  Tensor cutoff;  // (rows, 2) float64 under a sampling support, else undefined
+};
+
+// `sampling` null: the softmax of every token.
+ForwardOutputs logits_forward(const Tensor& logits, const Tensor& ids, const Tensor& params, bool compute_entropy,
+                              const SamplingNumbers* sampling) {
   check_logits(logits, "logits");
   const double inv_temperature = inv_temperature_of(params);
   const RowLayout layout = row_layout(logits);
   check_rows(ids, layout.rows, "ids", at::kLong);
   const auto acc = acc_type_of(logits.scalar_type());
   auto opts = logits.options().dtype(acc);
-  Tensor logps = at::empty({layout.rows}, opts);
-  Tensor lse = at::empty({layout.rows}, opts);
-  Tensor entropy = at::empty({compute_entropy ? layout.rows : 0}, opts);
-  if (layout.rows == 0) return {logps, lse, entropy};
+  ForwardOutputs out{at::empty({layout.rows}, opts), at::empty({layout.rows}, opts),
+                     at::empty({compute_entropy ? layout.rows : 0}, opts), Tensor()};
+  if (sampling != nullptr) {
+    // The support's search holds token ids in 32-bit vector lanes.
+    TORCH_CHECK(layout.vocab < (int64_t{1} << 31), "a sampling support needs V < 2^31, got ", layout.vocab);
+    out.cutoff = at::empty({layout.rows, kCutoffFields}, opts.dtype(at::kDouble));
+  }
+  if (layout.rows == 0) return out;
   check_ids(ids.const_data_ptr<int64_t>(), layout.rows, layout.vocab);
-  const ForwardJob job{elem_of(logits.scalar_type()), logits.const_data_ptr(), layout, ids.const_data_ptr<int64_t>(),
-                       inv_temperature, compute_entropy, logps.mutable_data_ptr(), lse.mutable_data_ptr(),
-                       compute_entropy ? entropy.mutable_data_ptr() : nullptr};
+  const ForwardJob job{elem_of(logits.scalar_type()),
+                       logits.const_data_ptr(),
+                       layout,
+                       ids.const_data_ptr<int64_t>(),
+                       inv_temperature,
+                       compute_entropy,
+                       out.logps.mutable_data_ptr(),
+                       out.lse.mutable_data_ptr(),
+                       compute_entropy ? out.entropy.mutable_data_ptr() : nullptr,
+                       sampling,
+                       sampling != nullptr ? out.cutoff.mutable_data_ptr<double>() : nullptr};
   const CpuKernels& kernels = select_kernels();
   at::parallel_for(0, layout.rows, grain_rows(layout.vocab),
                    [&](int64_t begin, int64_t end) { kernels.forward(job, begin, end); });
-  return {logps, lse, entropy};
+  return out;
 }
 
-// grad_entropy may be empty (0,): the entropy was not used, its term is skipped.
+std::tuple<Tensor, Tensor, Tensor> logits_fwd(const Tensor& logits, const Tensor& ids, const Tensor& params,
+                                              bool compute_entropy) {
+  ForwardOutputs out = logits_forward(logits, ids, params, compute_entropy, nullptr);
+  return {out.logps, out.lse, out.entropy};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> logits_fwd_support(const Tensor& logits, const Tensor& ids,
+                                                              const Tensor& params, bool compute_entropy,
+                                                              bool top_k_all_ties) {
+  const SamplingNumbers sampling = sampling_numbers_of(params, top_k_all_ties);
+  ForwardOutputs out = logits_forward(logits, ids, params, compute_entropy, &sampling);
+  return {out.logps, out.lse, out.entropy, out.cutoff};
+}
+
+// grad_entropy may be empty (0,): the entropy was not used, its term is skipped. cutoff: the sampling
+// support's, from the forward (the gradient is 0 at dropped tokens), or none.
 void logits_bwd_into(const Tensor& grad_logps, const Tensor& grad_entropy, const Tensor& logits, const Tensor& ids,
-                     const Tensor& lse, const Tensor& entropy, const Tensor& params, Tensor& dlogits) {
+                     const Tensor& lse, const Tensor& entropy, const Tensor& params,
+                     const c10::optional<Tensor>& cutoff, Tensor& dlogits) {
   check_logits(logits, "logits");
   const double inv_temperature = inv_temperature_of(params);
   const RowLayout layout = row_layout(logits);
@@ -137,6 +193,7 @@ void logits_bwd_into(const Tensor& grad_logps, const Tensor& grad_entropy, const
     check_rows(grad_entropy, layout.rows, "grad_entropy", acc);
     check_rows(entropy, layout.rows, "entropy", acc);
   }
+  if (cutoff) check_cutoff(*cutoff, layout.rows);
   if (layout.rows == 0) return;
   check_ids(ids.const_data_ptr<int64_t>(), layout.rows, layout.vocab);
   const BackwardJob job{elem_of(logits.scalar_type()),
@@ -149,7 +206,8 @@ void logits_bwd_into(const Tensor& grad_logps, const Tensor& grad_entropy, const
                         lse.const_data_ptr(),
                         has_entropy_grad ? entropy.const_data_ptr() : nullptr,
                         grad_logps.const_data_ptr(),
-                        has_entropy_grad ? grad_entropy.const_data_ptr() : nullptr};
+                        has_entropy_grad ? grad_entropy.const_data_ptr() : nullptr,
+                        cutoff ? cutoff->const_data_ptr<double>() : nullptr};
   const CpuKernels& kernels = select_kernels();
   at::parallel_for(0, layout.rows, grain_rows(layout.vocab),
                    [&](int64_t begin, int64_t end) { kernels.backward(job, begin, end); });
@@ -178,16 +236,17 @@ Tensor empty_gradient(const Tensor& like) {
 }
 
 Tensor logits_bwd(const Tensor& grad_logps, const Tensor& grad_entropy, const Tensor& logits, const Tensor& ids,
-                  const Tensor& lse, const Tensor& entropy, const Tensor& params) {
+                  const Tensor& lse, const Tensor& entropy, const Tensor& params, const c10::optional<Tensor>& cutoff) {
   Tensor dlogits = empty_gradient(logits);
-  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, dlogits);
+  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, cutoff, dlogits);
   return dlogits;
 }
 
 // Same as logits_bwd, but the gradient overwrites `logits` (zero extra memory).
 void logits_bwd_inplace(const Tensor& grad_logps, const Tensor& grad_entropy, Tensor& logits, const Tensor& ids,
-                        const Tensor& lse, const Tensor& entropy, const Tensor& params) {
-  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, logits);
+                        const Tensor& lse, const Tensor& entropy, const Tensor& params,
+                        const c10::optional<Tensor>& cutoff) {
+  logits_bwd_into(grad_logps, grad_entropy, logits, ids, lse, entropy, params, cutoff, logits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,23 +315,40 @@ struct LinearChunks {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor& weight,
-                                              const c10::optional<Tensor>& bias, const Tensor& ids,
-                                              const Tensor& params, bool compute_entropy, int64_t chunk_rows) {
+// Under a sampling support each chunk's logits get their rows' cutoffs, as the logits op's would.
+ForwardOutputs linear_forward(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
+                              const Tensor& ids, const Tensor& params, bool compute_entropy, int64_t chunk_rows,
+                              const SamplingNumbers* sampling) {
   check_linear(hidden, weight, bias, chunk_rows);
   check_rows(ids, hidden.size(0), "ids", at::kLong);
   LinearChunks chunks(hidden, weight, bias, chunk_rows);
-  Tensor logps = at::empty({chunks.rows}, chunks.opts);
-  Tensor lse = at::empty({chunks.rows}, chunks.opts);
-  Tensor entropy = at::empty({compute_entropy ? chunks.rows : 0}, chunks.opts);
+  ForwardOutputs out{at::empty({chunks.rows}, chunks.opts), at::empty({chunks.rows}, chunks.opts),
+                     at::empty({compute_entropy ? chunks.rows : 0}, chunks.opts), Tensor()};
+  if (sampling != nullptr) out.cutoff = at::empty({chunks.rows, kCutoffFields}, chunks.opts.dtype(at::kDouble));
   chunks.for_each(hidden, [&](int64_t start, int64_t n, const Tensor&, const Tensor& logits) {
-    auto [chunk_logps, chunk_lse, chunk_entropy] =
-        logits_fwd(logits, ids.narrow(0, start, n), params, compute_entropy);
-    logps.narrow(0, start, n).copy_(chunk_logps);
-    lse.narrow(0, start, n).copy_(chunk_lse);
-    if (compute_entropy) entropy.narrow(0, start, n).copy_(chunk_entropy);
+    const ForwardOutputs chunk = logits_forward(logits, ids.narrow(0, start, n), params, compute_entropy, sampling);
+    out.logps.narrow(0, start, n).copy_(chunk.logps);
+    out.lse.narrow(0, start, n).copy_(chunk.lse);
+    if (compute_entropy) out.entropy.narrow(0, start, n).copy_(chunk.entropy);
+    if (sampling != nullptr) out.cutoff.narrow(0, start, n).copy_(chunk.cutoff);
   });
-  return {logps, lse, entropy};
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& hidden, const Tensor& weight,
+                                              const c10::optional<Tensor>& bias, const Tensor& ids,
+                                              const Tensor& params, bool compute_entropy, int64_t chunk_rows) {
+  ForwardOutputs out = linear_forward(hidden, weight, bias, ids, params, compute_entropy, chunk_rows, nullptr);
+  return {out.logps, out.lse, out.entropy};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_fwd_support(const Tensor& hidden, const Tensor& weight,
+                                                              const c10::optional<Tensor>& bias, const Tensor& ids,
+                                                              const Tensor& params, bool compute_entropy,
+                                                              int64_t chunk_rows, bool top_k_all_ties) {
+  const SamplingNumbers sampling = sampling_numbers_of(params, top_k_all_ties);
+  ForwardOutputs out = linear_forward(hidden, weight, bias, ids, params, compute_entropy, chunk_rows, &sampling);
+  return {out.logps, out.lse, out.entropy, out.cutoff};
 }
 
 // Returns (dhidden (N, H), dweight (V, H), dbias (V,)) in the input dtypes.
@@ -281,8 +357,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
                                               const Tensor& hidden, const Tensor& weight,
                                               const c10::optional<Tensor>& bias, const Tensor& ids, const Tensor& lse,
                                               const Tensor& entropy, const Tensor& params, int64_t chunk_rows,
-                                              bool compute_dweight, bool compute_dbias) {
+                                              bool compute_dweight, bool compute_dbias,
+                                              const c10::optional<Tensor>& cutoff) {
   check_linear(hidden, weight, bias, chunk_rows);
+  if (cutoff) check_cutoff(*cutoff, hidden.size(0));
   LinearChunks chunks(hidden, weight, bias, chunk_rows);
   const bool has_entropy_grad = grad_entropy.numel() > 0;
   const int64_t hidden_size = hidden.size(1);
@@ -295,7 +373,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
   chunks.for_each(hidden, [&](int64_t start, int64_t n, const Tensor& h, Tensor& logits) {
     logits_bwd_inplace(grad_logps.narrow(0, start, n), has_entropy_grad ? grad_entropy.narrow(0, start, n) : grad_entropy,
                        logits, ids.narrow(0, start, n), lse.narrow(0, start, n),
-                       has_entropy_grad ? entropy.narrow(0, start, n) : entropy, params);
+                       has_entropy_grad ? entropy.narrow(0, start, n) : entropy, params,
+                       cutoff ? c10::optional<Tensor>(cutoff->narrow(0, start, n)) : c10::nullopt);
     const Tensor& dlogits = logits;  // (n, V), overwritten in place above
     Tensor dhidden_chunk = dhidden.narrow(0, start, n);
     at::mm_out(dhidden_chunk, dlogits, chunks.ops.weight);
@@ -316,9 +395,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_logps, const Te
 
 TORCH_LIBRARY_IMPL(grpo_fused_cpp, CPU, m) {
   m.impl("logits_fwd", &logits_fwd);
+  m.impl("logits_fwd_support", &logits_fwd_support);
   m.impl("logits_bwd", &logits_bwd);
   m.impl("logits_bwd_inplace", &logits_bwd_inplace);
   m.impl("linear_fwd", &linear_fwd);
+  m.impl("linear_fwd_support", &linear_fwd_support);
   m.impl("linear_bwd", &linear_bwd);
 }
 

@@ -12,19 +12,28 @@ TORCH_LIBRARY(grpo_fused_cpp, m) {
   // logits) (logps (N,), lse (N,), entropy (N,) or (0,) when compute_entropy is false).
   m.def("logits_fwd(Tensor logits, Tensor ids, Tensor params, bool compute_entropy)"
         " -> (Tensor logps, Tensor lse, Tensor entropy)");
-  // dlogits (shape and dtype of logits). grad_entropy (0,) means no entropy gradient.
+  // The same under the sampler's truncated distribution (sampling support): the rule's numbers are
+  // params' top_k / top_p / log_min_p slots, top_k_all_ties the tie rule (Option.TOP_K_ALL_TIES). Also
+  // returns each row's cutoff (N, 2) float64 [tau, tie_end] (cpu_kernels.h), for the backward.
+  m.def("logits_fwd_support(Tensor logits, Tensor ids, Tensor params, bool compute_entropy, bool top_k_all_ties)"
+        " -> (Tensor logps, Tensor lse, Tensor entropy, Tensor cutoff)");
+  // dlogits (shape and dtype of logits). grad_entropy (0,) means no entropy gradient. cutoff: the
+  // support forward's (zero gradient at dropped tokens), None for the plain forward.
   m.def("logits_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor logits, Tensor ids, Tensor lse,"
-        " Tensor entropy, Tensor params) -> Tensor");
+        " Tensor entropy, Tensor params, Tensor? cutoff=None) -> Tensor");
   // The same gradient written over logits.
   m.def("logits_bwd_inplace(Tensor grad_logps, Tensor grad_entropy, Tensor(a!) logits, Tensor ids, Tensor lse,"
-        " Tensor entropy, Tensor params) -> ()");
+        " Tensor entropy, Tensor params, Tensor? cutoff=None) -> ()");
   // hidden (N, H), weight (V, H), bias (V,): logits computed chunk_rows tokens at a time.
   m.def("linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor params,"
         " bool compute_entropy, int chunk_rows) -> (Tensor logps, Tensor lse, Tensor entropy)");
+  m.def("linear_fwd_support(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor params,"
+        " bool compute_entropy, int chunk_rows, bool top_k_all_ties)"
+        " -> (Tensor logps, Tensor lse, Tensor entropy, Tensor cutoff)");
   // (dhidden (N, H), dweight (V, H), dbias (V,)); dweight / dbias are (0,) when not asked for.
   m.def("linear_bwd(Tensor grad_logps, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias,"
         " Tensor ids, Tensor lse, Tensor entropy, Tensor params, int chunk_rows, bool compute_dweight,"
-        " bool compute_dbias)"
+        " bool compute_dbias, Tensor? cutoff=None)"
         " -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
   // rewards (B,) combined, group_index (B,) int64, keep_mask (B,) bool or (0,); scale_mode the
   // code of grpo_fused.semantics.AdvantageScale (params.h). Returns (advantages (B,), mean (G,), std (G,), count (G,), zero_std (G,)).

@@ -98,6 +98,33 @@ inline float hmax(vfloat v) {
   for (int i = 1; i < kWidth; ++i) out = v[i] > out ? v[i] : out;
   return out;
 }
+inline int64_t hsum(vint v) {
+  int64_t out = 0;
+  for (int i = 0; i < kWidth; ++i) out += v[i];
+  return out;
+}
+
+// {0, 1, ..., kWidth - 1}: the offsets of a vector's lanes.
+inline vint lane_index() {
+  vint v;
+  for (int i = 0; i < kWidth; ++i) v[i] = i;
+  return v;
+}
+
+// Bit i set when lane i of the mask (all ones or zero per lane) is set.
+inline uint32_t lane_bits(vint mask) {
+#if GRPO_FUSED_VEC_BYTES == 64
+  return _mm512_movepi32_mask((__m512i)mask);
+#elif GRPO_FUSED_VEC_BYTES == 32
+  return static_cast<uint32_t>(_mm256_movemask_ps((__m256)mask));
+#elif defined(__SSE2__)
+  return static_cast<uint32_t>(_mm_movemask_ps((__m128)mask));
+#else
+  uint32_t bits = 0;
+  for (int i = 0; i < kWidth; ++i) bits |= (mask[i] != 0 ? 1u : 0u) << i;
+  return bits;
+#endif
+}
 
 // ---- loads and stores of kWidth elements, converted to / from float ----
 
@@ -201,6 +228,39 @@ inline void store_one(T* p, float x) {
   store_partial(p, 1, splat(x));
 }
 
+// ---- which tokens of a row the softmax runs over ----
+
+// Every token: the plain vocabulary pass (the selects that KeptTokens needs compile away).
+struct EveryToken {
+  static constexpr bool kEvery = true;
+  template <typename acc_t>
+  bool keeps(acc_t, int64_t) const {
+    return true;
+  }
+  vint keeps(vfloat, int64_t) const { return vint{} - 1; }
+};
+
+// A sampling support's cutoff (cpu_kernels.h, found by sampling_support.h): token v is kept when
+// z > tau, or z == tau and v < tie_end; kEveryTie keeps every token tied with tau (one compare a
+// vector). A NaN tau keeps nothing.
+constexpr int64_t kEveryTie = std::numeric_limits<int64_t>::max();
+
+template <typename acc_t>
+struct KeptTokens {
+  static constexpr bool kEvery = false;
+  acc_t tau;
+  int64_t tie_end;
+
+  bool keeps(acc_t z, int64_t id) const { return z > tau || (z == tau && id < tie_end); }
+  // The kWidth tokens first_id, first_id + 1, ... (float rows; the ops check V < 2^31).
+  vint keeps(vfloat z, int64_t first_id) const {
+    const vfloat t = splat(tau);
+    if (tie_end == kEveryTie) return z >= t;
+    const vint ids = lane_index() + static_cast<int32_t>(first_id);
+    return (z > t) | ((z == t) & (ids < static_cast<int32_t>(tie_end)));
+  }
+};
+
 // Prefetch `bytes` bytes from p into L2, one request per cache line.
 inline void prefetch_l2(const char* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
@@ -303,19 +363,27 @@ inline bool has_nan(const T* x, int64_t len) {
   return false;
 }
 
-// Sums exp(z - m) (and exp(z - m) * (z - m)) over x[0, len) into s, w, with z = x * scale
-// rounded to float, the logit every pass and the backward use (so a one-value row has lse = z
-// exactly and a gradient of exactly 0); prefetches `next` (the same span of the next row, or
-// null) into L2 meanwhile. s is the same whether or not the entropy is asked for.
-template <bool kEntropy, typename T>
-inline void chunk_sums(const T* x, int64_t len, float scale, float m, const T* next, float& s, float& w) {
+// Sums exp(z - m) (and exp(z - m) * (z - m)) over the tokens of x[0, len) that `keep` keeps (x[i]
+// is token first_id + i) into s, w, with z = x * scale rounded to float, the logit every pass and
+// the backward use (so a one-value row has lse = z exactly and a gradient of exactly 0); prefetches
+// `next` (the same span of the next row, or null) into L2 meanwhile. s is the same whether or not
+// the entropy is asked for.
+template <bool kEntropy, typename T, typename Keep = EveryToken>
+inline void chunk_sums(const T* x, int64_t len, float scale, float m, const T* next, float& s, float& w,
+                       const Keep& keep = Keep{}, int64_t first_id = 0) {
   const vfloat vs = splat(scale), vm = splat(m), zero = splat(0.0f);
+  const vfloat dropped = splat(-std::numeric_limits<float>::infinity());  // exp gives 0, the select drops it
   vfloat s0 = zero, s1 = zero, w0 = zero, w1 = zero;  // two accumulators hide the add latency
   constexpr int64_t kStep = 2 * kWidth;
   int64_t i = 0;
   for (; i + kStep <= len; i += kStep) {
     if (next != nullptr) prefetch_l2(reinterpret_cast<const char*>(next + i), kStep * sizeof(T));
-    const vfloat d0 = load(x + i) * vs - vm, d1 = load(x + i + kWidth) * vs - vm;
+    const vfloat z0 = load(x + i) * vs, z1 = load(x + i + kWidth) * vs;
+    vfloat d0 = z0 - vm, d1 = z1 - vm;
+    if constexpr (!Keep::kEvery) {
+      d0 = vselect(keep.keeps(z0, first_id + i), d0, dropped);
+      d1 = vselect(keep.keeps(z1, first_id + i + kWidth), d1, dropped);
+    }
     const ExpParts e0 = vexp_parts(d0), e1 = vexp_parts(d1);
     s0 = vfma(e0.y, e0.pow2n, s0);
     s1 = vfma(e1.y, e1.pow2n, s1);
@@ -329,7 +397,9 @@ inline void chunk_sums(const T* x, int64_t len, float scale, float m, const T* n
   for (; i < len; i += kWidth) {
     // The tail's padding is -inf: exp gives 0 and the entropy select drops it.
     const vfloat v = i + kWidth <= len ? load(x + i) : load_partial(x + i, len - i, -std::numeric_limits<float>::infinity());
-    const vfloat d0 = v * vs - vm;
+    const vfloat z0 = v * vs;
+    vfloat d0 = z0 - vm;
+    if constexpr (!Keep::kEvery) d0 = vselect(keep.keeps(z0, first_id + i), d0, dropped);
     const ExpParts e0 = vexp_parts(d0);
     s0 = vfma(e0.y, e0.pow2n, s0);
     if (kEntropy) {
@@ -367,12 +437,12 @@ inline RowStats<float> row_forward(const T* row, const T* next_row, int64_t voca
 
 // ---- backward ----
 
-// dz * scale of kWidth logits x (see row_backward); g_scaled = -g_logp * scale, ge_scaled =
+// dz * scale of kWidth logits z = x * scale (see row_backward); g_scaled = -g_logp * scale, ge_scaled =
 // -g_entropy * scale. kSelect writes 0 where p = 0 explicitly: needed when the factor of p can be
 // infinite (the entropy term at a -inf logit; a non-finite g), else p * g is 0 there already.
 template <bool kEntropy, bool kSelect>
-inline vfloat softmax_grad(vfloat x, vfloat scale, vfloat lse, vfloat g_scaled, vfloat ge_scaled, vfloat h) {
-  const vfloat logp = x * scale - lse;  // z - lse, z = x * scale rounded as in the forward
+inline vfloat softmax_grad(vfloat z, vfloat lse, vfloat g_scaled, vfloat ge_scaled, vfloat h) {
+  const vfloat logp = z - lse;  // z rounded as in the forward
   const vfloat p = vexp<true>(logp);  // logp <= 0 when lse is this row's; clamped anyway
   // -p * (g_logp + g_entropy * (logp + H)) * scale
   const vfloat dz = kEntropy ? p * vfma(ge_scaled, logp + h, g_scaled) : p * g_scaled;
@@ -382,41 +452,51 @@ inline vfloat softmax_grad(vfloat x, vfloat scale, vfloat lse, vfloat g_scaled, 
 // The gradient of row[0, vocab) into out. (Non-temporal stores into a fresh gradient measured
 // slower, 95 against 82 ms for 262 MB of bf16 on one thread: the kernel has just zeroed the page
 // through the cache.)
-template <bool kEntropy, bool kSelect, typename T>
+// Tokens that `keep` drops get exactly 0.
+template <bool kEntropy, bool kSelect, typename T, typename Keep>
 inline void grad_span(const T* row, const T* next_row, T* out, int64_t vocab, vfloat vs, vfloat vlse,
-                      vfloat g_scaled, vfloat ge_scaled, vfloat h) {
+                      vfloat g_scaled, vfloat ge_scaled, vfloat h, const Keep& keep) {
+  const auto grad = [&](vfloat z, int64_t first_id) {
+    const vfloat dz = softmax_grad<kEntropy, kSelect>(z, vlse, g_scaled, ge_scaled, h);
+    if constexpr (Keep::kEvery) return dz;
+    return vselect(keep.keeps(z, first_id), dz, splat(0.0f));
+  };
   int64_t i = 0;
   for (; i + kWidth <= vocab; i += kWidth) {
     if (next_row != nullptr) prefetch_l2(reinterpret_cast<const char*>(next_row + i), kWidth * sizeof(T));
-    store(out + i, softmax_grad<kEntropy, kSelect>(load(row + i), vs, vlse, g_scaled, ge_scaled, h));
+    store(out + i, grad(load(row + i) * vs, i));
   }
   if (i < vocab) {
     const vfloat x = load_partial(row + i, vocab - i, -std::numeric_limits<float>::infinity());
-    store_partial(out + i, vocab - i, softmax_grad<kEntropy, kSelect>(x, vs, vlse, g_scaled, ge_scaled, h));
+    store_partial(out + i, vocab - i, grad(x * vs, i));
   }
 }
 
 // Gradient of one row: with z = x * scale, p = softmax(z), logp_j = z_j - lse, H the entropy,
 //   dz_j = g_logp * (1[j == id] - p_j) - g_entropy * p_j * (logp_j + H),  dlogits_j = dz_j * scale.
+// Under a sampling support (Keep = KeptTokens) p, lse and H are the kept tokens' and the dropped
+// tokens get 0 (the onehot term too: a dropped target's logp is the constant -inf).
 // `out` may alias `row` (in-place backward): each vector is read before it is written, and the
 // target's logit is read first.
-template <bool kEntropy, typename T>
+template <bool kEntropy, typename T, typename Keep = EveryToken>
 inline void row_backward(const T* row, const T* next_row, T* out, int64_t vocab, int64_t id, float scale, float lse,
-                         float entropy, float grad_logp, float grad_entropy) {
+                         float entropy, float grad_logp, float grad_entropy, const Keep& keep = Keep{}) {
   if (grad_logp == 0 && (!kEntropy || grad_entropy == 0)) {
     // Masked-out tokens: their gradient is exactly zero (+0 bits), no need to touch the softmax.
     std::memset(static_cast<void*>(out), 0, vocab * sizeof(T));
     return;
   }
-  const float target_logp = load_one(row + id) * scale - lse;
+  const float target_z = load_one(row + id) * scale;
+  const float target_logp = target_z - lse;
   const vfloat vs = splat(scale), vlse = splat(lse);
   const vfloat g_scaled = splat(-grad_logp * scale);  // -g_logp * scale
   const vfloat ge_scaled = splat(-grad_entropy * scale), h = splat(entropy);
   if (kEntropy || !std::isfinite(grad_logp * scale)) {
-    grad_span<kEntropy, true>(row, next_row, out, vocab, vs, vlse, g_scaled, ge_scaled, h);
+    grad_span<kEntropy, true>(row, next_row, out, vocab, vs, vlse, g_scaled, ge_scaled, h, keep);
   } else {
-    grad_span<false, false>(row, next_row, out, vocab, vs, vlse, g_scaled, ge_scaled, h);
+    grad_span<false, false>(row, next_row, out, vocab, vs, vlse, g_scaled, ge_scaled, h, keep);
   }
+  if (!keep.keeps(target_z, id)) return;  // a dropped target: its 0 is written
   const float p_target = vexp<true>(splat(target_logp))[0];
   float dz_target = grad_logp * (1 - p_target);
   if (kEntropy && p_target > 0) dz_target -= grad_entropy * p_target * (target_logp + entropy);
@@ -424,6 +504,14 @@ inline void row_backward(const T* row, const T* next_row, T* out, int64_t vocab,
 }
 
 // ---- the row loops behind CpuKernels ----
+
+// Row r's cutoff from the (rows, 2) float64 cutoff tensor (cpu_kernels.h), where tie_end >= V keeps
+// every tie.
+template <typename acc_t>
+inline KeptTokens<acc_t> kept_tokens_of(const double* cutoff, int64_t r, int64_t vocab) {
+  const auto tie_end = static_cast<int64_t>(cutoff[kCutoffFields * r + 1]);
+  return {static_cast<acc_t>(cutoff[kCutoffFields * r]), tie_end >= vocab ? kEveryTie : tie_end};
+}
 
 template <typename T>
 void forward_rows(const ForwardJob& job, int64_t begin, int64_t end) {
@@ -453,16 +541,24 @@ void backward_rows(const BackwardJob& job, int64_t begin, int64_t end) {
   const float* entropy = static_cast<const float*>(job.entropy);
   const float* grad_logps = static_cast<const float*>(job.grad_logps);
   const float* grad_entropy = static_cast<const float*>(job.grad_entropy);
-  for (int64_t r = begin; r < end; ++r) {
-    const T* row = in + job.layout.offset(r);
-    const T* next = r + 1 < end ? in + job.layout.offset(r + 1) : nullptr;
-    T* dst = out + job.out_layout.offset(r);
-    if (grad_entropy != nullptr) {
-      row_backward<true>(row, next, dst, job.layout.vocab, job.ids[r], scale, lse[r], entropy[r], grad_logps[r],
-                         grad_entropy[r]);
-    } else {
-      row_backward<false>(row, next, dst, job.layout.vocab, job.ids[r], scale, lse[r], 0.0f, grad_logps[r], 0.0f);
+  const auto rows = [&](const auto& keep_of) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = in + job.layout.offset(r);
+      const T* next = r + 1 < end ? in + job.layout.offset(r + 1) : nullptr;
+      T* dst = out + job.out_layout.offset(r);
+      if (grad_entropy != nullptr) {
+        row_backward<true>(row, next, dst, job.layout.vocab, job.ids[r], scale, lse[r], entropy[r], grad_logps[r],
+                           grad_entropy[r], keep_of(r));
+      } else {
+        row_backward<false>(row, next, dst, job.layout.vocab, job.ids[r], scale, lse[r], 0.0f, grad_logps[r], 0.0f,
+                            keep_of(r));
+      }
     }
+  };
+  if (job.cutoff == nullptr) {
+    rows([](int64_t) { return EveryToken{}; });
+  } else {
+    rows([&](int64_t r) { return kept_tokens_of<float>(job.cutoff, r, job.layout.vocab); });
   }
 }
 
@@ -485,20 +581,23 @@ inline RowStats<double> row_forward_double(const double* row, int64_t vocab, dou
   return st.finish(kEntropy);
 }
 
-template <bool kEntropy>
+template <bool kEntropy, typename Keep>
 inline void row_backward_double(const double* row, double* out, int64_t vocab, int64_t id, double scale, double lse,
-                                double entropy, double grad_logp, double grad_entropy) {
+                                double entropy, double grad_logp, double grad_entropy, const Keep& keep) {
   if (grad_logp == 0 && (!kEntropy || grad_entropy == 0)) {
     for (int64_t j = 0; j < vocab; ++j) out[j] = 0.0;
     return;
   }
-  const double target_logp = row[id] * scale - lse;
+  const double target_z = row[id] * scale;
+  const double target_logp = target_z - lse;
   for (int64_t j = 0; j < vocab; ++j) {
-    const double logp = row[j] * scale - lse;
+    const double z = row[j] * scale;
+    const double logp = z - lse;
     const double p = std::exp(logp);
     const double coeff = kEntropy ? grad_logp + grad_entropy * (logp + entropy) : grad_logp;
-    out[j] = p > 0 ? -p * coeff * scale : 0.0;
+    out[j] = p > 0 && keep.keeps(z, j) ? -p * coeff * scale : 0.0;
   }
+  if (!keep.keeps(target_z, id)) return;
   const double p_target = std::exp(target_logp);
   double dz_target = grad_logp * (1 - p_target);
   if (kEntropy && p_target > 0) dz_target -= grad_entropy * p_target * (target_logp + entropy);
@@ -529,21 +628,33 @@ void backward_rows<double>(const BackwardJob& job, int64_t begin, int64_t end) {
   const double* entropy = static_cast<const double*>(job.entropy);
   const double* grad_logps = static_cast<const double*>(job.grad_logps);
   const double* grad_entropy = static_cast<const double*>(job.grad_entropy);
-  for (int64_t r = begin; r < end; ++r) {
-    const double* row = in + job.layout.offset(r);
-    double* dst = out + job.out_layout.offset(r);
-    if (grad_entropy != nullptr) {
-      row_backward_double<true>(row, dst, job.layout.vocab, job.ids[r], job.scale, lse[r], entropy[r], grad_logps[r],
-                                grad_entropy[r]);
-    } else {
-      row_backward_double<false>(row, dst, job.layout.vocab, job.ids[r], job.scale, lse[r], 0.0, grad_logps[r], 0.0);
+  const auto rows = [&](const auto& keep_of) {
+    for (int64_t r = begin; r < end; ++r) {
+      const double* row = in + job.layout.offset(r);
+      double* dst = out + job.out_layout.offset(r);
+      if (grad_entropy != nullptr) {
+        row_backward_double<true>(row, dst, job.layout.vocab, job.ids[r], job.scale, lse[r], entropy[r],
+                                  grad_logps[r], grad_entropy[r], keep_of(r));
+      } else {
+        row_backward_double<false>(row, dst, job.layout.vocab, job.ids[r], job.scale, lse[r], 0.0, grad_logps[r],
+                                   0.0, keep_of(r));
+      }
     }
+  };
+  if (job.cutoff == nullptr) {
+    rows([](int64_t) { return EveryToken{}; });
+  } else {
+    rows([&](int64_t r) { return kept_tokens_of<double>(job.cutoff, r, job.layout.vocab); });
   }
 }
 
 #endif  // GRPO_FUSED_WITH_DOUBLE
 
+// The sampling support's cutoff search and its forward rows: the same per-instruction-set copy.
+#include "sampling_support.h"
+
 inline void forward(const ForwardJob& job, int64_t begin, int64_t end) {
+  if (job.sampling != nullptr) return forward_support(job, begin, end);
   switch (job.elem) {
     case Elem::kFloat: return forward_rows<float>(job, begin, end);
 #if defined(GRPO_FUSED_WITH_DOUBLE)

@@ -4,7 +4,9 @@
   layer imports nothing of the package at all (it is the bottom layer).
 * A ``torch.compile(fullgraph=True)`` training step that calls the public losses with a new
   :class:`grpo_fused.GRPOConfig` differing only in float hyperparameters compiles once and gives
-  the values of the new config (the floats travel as ``config.params.values``, a tensor).
+  the values of the new config (the floats travel as ``config.params.values``, a tensor). The C++
+  ops do the same for new sampling numbers (``top_k`` / ``top_p`` / ``min_p``), which travel there
+  too; only the tie rule and which stages exist select code.
 """
 
 from __future__ import annotations
@@ -103,3 +105,63 @@ def test_new_float_hyperparameters_compile_once(path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1, f"{counter.frame_count} graphs for {len(FLOAT_SCHEDULE)} float-only changes"
+
+
+# Five sampling rules of one tie rule, every stage on, each number new.
+SAMPLING_SCHEDULE = [
+    dict(top_k=8, top_p=0.9, min_p=0.05, temperature=1.0),
+    dict(top_k=5, top_p=0.8, min_p=0.1, temperature=0.7),
+    dict(top_k=12, top_p=0.95, min_p=0.02, temperature=1.3),
+    dict(top_k=3, top_p=0.6, min_p=0.2, temperature=0.9),
+    dict(top_k=20, top_p=0.99, min_p=0.01, temperature=1.1),
+]
+
+
+@pytest.mark.skipif(_cpp_reason() is not None, reason=f"the C++ extension is not available: {_cpp_reason()}")
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_new_sampling_numbers_compile_once(path):
+    """The C++ backend's losses under a sampling rule, compiled with the config's params as input: a
+    new top_k / top_p / min_p is new data (the params' TOP_K / TOP_P / LOG_MIN_P slots), one graph.
+    (The step takes ``config.params`` rather than the config: tracing ``GRPOConfig.sampling`` checks
+    the rule's numbers with Python math, a graph break under fullgraph=True.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from grpo_fused.backends import cpp as cpp_backend
+    from grpo_fused.semantics import LossBatch
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    B, T, V, H = 2, 5, 33, 8
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    old = torch.randn(B, T, generator=g) * 0.1 - 3
+    ref = old + 0.1
+    feature = torch.randn(B, T, H if path == "linear" else V, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.5
+    # ids among each position's top 3, so that most stay inside the support
+    logits = feature @ weight.T if path == "linear" else feature
+    ranks = (torch.arange(T) % 3).expand(B, T).unsqueeze(-1)
+    ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices.gather(-1, ranks).squeeze(-1)
+
+    def cpp_loss(x, params):
+        batch = LossBatch(ids, adv, mask, old, ref)
+        if path == "linear":
+            return cpp_backend.linear_grpo_loss(x, weight, None, batch, params).loss
+        return cpp_backend.grpo_loss(x, batch, params).loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(cpp_loss, fullgraph=True, backend=counter)
+    for numbers in SAMPLING_SCHEDULE:
+        config = gf.GRPOConfig(loss_type="dapo", beta=0.04, **numbers)
+        x = feature.clone().requires_grad_()
+        got = step(x, config.params)
+        got.backward()
+        y = feature.clone().requires_grad_()
+        if path == "linear":
+            want = gf.linear_grpo_loss(y, weight, ids, adv, mask, old, ref, config=config, backend="reference").loss
+        else:
+            want = gf.grpo_loss(y, ids, adv, mask, old, ref, config=config, backend="reference").loss
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for {len(SAMPLING_SCHEDULE)} sampling rules"

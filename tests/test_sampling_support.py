@@ -3,8 +3,17 @@
 The reference (:func:`grpo_fused.reference.sampling_support`, a stable sort and a float64
 cumulative sum) is checked against hand-computed supports and against a second, independently
 written version of vLLM's PyTorch masking (ascending sort, k-th value, ascending cumulative sum
-``<= 1 - p`` dropped); every backend is checked against the reference in float64; a sampler
-that draws from the truncated distribution matches ``exp(logp)``.
+``<= 1 - p`` dropped); a sampler that draws from the truncated distribution matches ``exp(logp)``.
+
+Every fused backend (C++, Triton) is checked against the reference run in float64 on the same
+inputs, within the tolerance rule of tests/tolerance.py: log-probs, entropy and gradients of the
+logits and linear paths, each stage alone and combined, both tie rules, -inf and NaN logits, masked
+rows, fp32 / bf16 / fp64, and the loss with outside-support tokens. The support itself is checked
+exactly at its boundary: the support is a prefix of the order (z descending, id ascending), so a
+backend that keeps the reference's last kept token and drops its first dropped one keeps exactly
+the reference's support. Continuous data is drawn clear of the top-p and min-p boundaries (a kernel
+sums the top-p mass in fp32, the reference in float64); integer-valued logits at temperature 1 or
+0.5 make ties exact in every precision.
 """
 
 import math
@@ -17,6 +26,7 @@ from grpo_fused import reference as R
 from grpo_fused.semantics import ExplicitSupport, SamplingRule
 
 from conftest import fused_backends
+from tolerance import ULPS_GRAD, ULPS_LOSS, ULPS_VALUE, assert_close_to_truth, dlogits_scale, logit_row_scale
 
 
 def vllm_style_mask(z, top_k=None, top_p=None, min_p=None):
@@ -335,3 +345,264 @@ def test_support_and_rule_together_are_refused():
         gf.selective_log_softmax(logits, ids, top_k=3, support=support)
     with pytest.raises(TypeError, match="support must be a grpo_fused.ExplicitSupport"):
         gf.selective_log_softmax(logits, ids, support=(support.offsets, support.ids))
+
+
+# --------------------------------------------------------------------------------------
+# Fused backends against the float64 reference.
+# --------------------------------------------------------------------------------------
+
+MARGIN = 1e-4  # relative distance every top-p / min-p decision keeps from its threshold
+FUSED_RULES = [  # each stage alone, both tie rules, and the stages combined
+    dict(top_k=5), dict(top_k=5, top_k_ties="all"), dict(top_p=0.8), dict(min_p=0.1),
+    dict(top_k=12, top_p=0.85), dict(top_k=20, top_p=0.9, min_p=0.02, top_k_ties="all"),
+]
+_rule_id = lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())  # noqa: E731
+
+
+def _drawn(make, rule, temperature, seed, margin=MARGIN):
+    """``make(generator)`` for the first seed from ``seed`` whose rows keep every support decision
+    ``margin`` away from its threshold (asserted, not assumed)."""
+    for attempt in range(50):
+        x = make(torch.Generator().manual_seed(seed * 100 + attempt))
+        if _clear_of_boundaries(x.double() / temperature, rule, margin=margin):
+            return x
+    raise AssertionError("no draw clear of the boundaries")
+
+
+def _boundary_rows(x, rule, temperature):
+    """Each row of ``x`` twice, with ids: its last kept token, then its first dropped one (a random
+    token where nothing is dropped). Returns ``(rows, ids)``."""
+    kept = R.sampling_support(x.double() / temperature, rule)
+    order = torch.sort(x.double(), dim=-1, descending=True, stable=True).indices
+    count = kept.sum(-1)
+    last = order.gather(-1, (count - 1).unsqueeze(-1)).squeeze(-1)
+    first_dropped = order.gather(-1, count.clamp(max=x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    first_dropped = torch.where(count < x.shape[-1], first_dropped, torch.zeros_like(first_dropped))
+    ids = torch.stack([last, first_dropped], -1).reshape(-1)
+    return x.repeat_interleave(2, dim=0), ids
+
+
+def _check_vocab_pass(backend, x, ids, temperature, kw, weights=None):
+    """The backend against the float64 reference and eager PyTorch in ``x``'s dtype: log-probs
+    (-inf exactly where the truth has it), entropy, and the gradient of ``sum(w1 * finite logps) +
+    sum(w2 * entropy)``, 0 at every dropped logit."""
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(n)
+    w1, w2 = weights or (torch.randn(n, generator=g), torch.randn(n, generator=g))
+    results = []
+    for inp, name in ((x.double(), "reference"), (x, "reference"), (x, backend)):
+        inp = inp.clone().requires_grad_()
+        logps, entropy = gf.selective_log_softmax(inp, ids, temperature, compute_entropy=True, backend=name, **kw)
+        finite = torch.isfinite(logps.detach())
+        (torch.where(finite, logps, 0.0) * w1.to(logps)).sum().add((entropy * w2.to(entropy)).sum()).backward()
+        results.append((logps.detach(), entropy.detach(), inp.grad))
+    (truth_lp, truth_h, truth_g), (eager_lp, eager_h, eager_g), (lp, h, grad) = results
+    eager = x.dtype != torch.float64  # a float64 run is the truth's own computation
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = logit_row_scale(x, temperature)
+    assert_close_to_truth(lp, truth_lp, eager_lp if eager else None, ulps=ULPS_VALUE, scale=scale, dtype=acc,
+                          what="logps")
+    assert_close_to_truth(h, truth_h, eager_h if eager else None, ulps=ULPS_VALUE, scale=scale, dtype=acc,
+                          what="entropy")
+    kept = R.sampling_support(x.double() / temperature, SamplingRule(**kw))
+    assert bool((grad[~kept] == 0).all()), "a dropped logit received a gradient"
+    assert_close_to_truth(grad, truth_g, eager_g if eager else None, ulps=ULPS_GRAD, floor=0.0,
+                          scale=dlogits_scale(truth_g, x, temperature), dtype=x.dtype, what="dlogits")
+
+
+@pytest.mark.parametrize("backend", fused_backends("selective_log_softmax"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kw", FUSED_RULES, ids=_rule_id)
+def test_fused_vocab_pass_equals_the_reference(backend, dtype, kw):
+    rule = SamplingRule(**kw)
+    # V = 97 (not a multiple of any vector width). Continuous rows at T = 0.7 (z = logits * (1/T)
+    # rounded, as every pass computes it) with some -inf columns; integer rows at T = 0.5 (exact
+    # ties, a tie group at nearly every cutoff).
+    def continuous(g):
+        x = (torch.randn(2, 97, generator=g, dtype=torch.float64) * 2).to(dtype)
+        x[1, 60:] = float("-inf")
+        return x
+    for make, temperature in ((continuous, 0.7), (lambda g: torch.randint(-4, 5, (2, 97), generator=g).to(dtype), 0.5)):
+        x = _drawn(make, rule, temperature, seed=len(str(kw)))
+        rows, ids = _boundary_rows(x, rule, temperature)
+        _check_vocab_pass(backend, rows, ids, temperature, kw)
+
+
+@pytest.mark.parametrize("backend", fused_backends("selective_log_softmax"))
+@pytest.mark.parametrize("ties", ["exact", "all"])
+def test_fused_tie_groups_across_every_cutoff(backend, ties):
+    # Values -2..2 over V = 60: a dozen tokens tied at each value, so every cutoff splits a tie group
+    # (exact: lowest ids first) or keeps it whole (all); top-p meets its tie group lowest id first.
+    for kw in (dict(top_k=7), dict(top_k=20, top_p=0.6), dict(top_p=0.5), dict(top_k=30, min_p=0.2)):
+        kw = dict(kw, top_k_ties=ties) if "top_k" in kw else kw
+        rule = SamplingRule(**kw)
+        x = _drawn(lambda g: torch.randint(-2, 3, (2, 60), generator=g).float(), rule, 1.0, seed=3)
+        rows, ids = _boundary_rows(x, rule, 1.0)
+        _check_vocab_pass(backend, rows, ids, 1.0, kw)
+
+
+@pytest.mark.parametrize("backend", fused_backends("selective_log_softmax"))
+def test_fused_non_finite_rows(backend):
+    kw = dict(top_k=6, top_p=0.9)
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)) * 2
+    x[0, ::3] = float("-inf")  # masked vocabulary
+    x[1, 1:] = float("-inf")  # one finite logit: the support is that token (and -inf ties after it)
+    x[2, 17] = float("nan")  # a NaN row keeps nothing: NaN log-prob and entropy, no gradient
+    ids = torch.tensor([int(x[0].argmax()), 0, 4, int(x[3].argmax())])
+    assert _clear_of_boundaries(x[[0, 1, 3]].double(), SamplingRule(**kw), margin=MARGIN)
+    truth, _ = R.selective_log_softmax(x.double(), ids, 1.0, True, **kw)
+    inp = x.clone().requires_grad_()
+    logps, entropy = gf.selective_log_softmax(inp, ids, compute_entropy=True, backend=backend, **kw)
+    assert math.isnan(logps[2].item()) and math.isnan(entropy[2].item()) and math.isnan(truth[2].item())
+    (logps[[0, 1, 3]].sum() + entropy[[0, 1, 3]].sum()).backward()
+    assert bool((inp.grad[2] == 0).all())
+    finite_rows = torch.tensor([0, 1, 3])
+    _check_vocab_pass(backend, x[finite_rows], ids[finite_rows], 1.0, kw)
+
+
+@pytest.mark.parametrize("backend", fused_backends("linear_log_softmax"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_linear_pass_equals_the_reference(backend, dtype):
+    kw = dict(top_k=9, top_p=0.9, min_p=0.01)
+    rule = SamplingRule(**kw)
+    B, T, H, V = 2, 3, 16, 70
+
+    def make(g):
+        return torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g,
+                                                                                   dtype=torch.float64) / 2
+    for attempt in range(50):
+        hidden, weight = make(torch.Generator().manual_seed(31 + attempt))
+        bias = torch.linspace(-1, 1, V, dtype=torch.float64)
+        if _clear_of_boundaries(R.linear_logits(hidden, weight, bias) / 0.9, rule, margin=MARGIN):
+            break
+    hidden, weight, bias = (t.to(dtype) for t in (hidden, weight, bias))
+    logits = R.linear_logits(hidden.double(), weight.double(), bias.double())
+    ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., 1]
+    ids[0, 0] = torch.sort(logits[0, 0], dim=-1, descending=True, stable=True).indices[-1]  # outside
+    results = []
+    for name, cast in (("reference", torch.float64), ("reference", dtype), (backend, dtype)):
+        params = [t.to(cast).clone().requires_grad_() for t in (hidden, weight, bias)]
+        extra = dict(chunk_size=2) if name != "reference" else {}  # several chunks of logits
+        logps, entropy = gf.linear_log_softmax(params[0], params[1], ids, 0.9, bias=params[2], compute_entropy=True,
+                                               backend=name, **kw, **extra)
+        finite = torch.isfinite(logps.detach())
+        (torch.where(finite, logps, 0.0).sum() + 0.5 * entropy.sum()).backward()
+        results.append((logps.detach(), entropy.detach(), [p.grad for p in params]))
+    (truth_lp, truth_h, truth_g), (eager_lp, eager_h, eager_g), (lp, h, grads) = results
+    eager = dtype != torch.float64
+    assert torch.isneginf(lp[0, 0]) and torch.isneginf(truth_lp[0, 0])
+    scale = logit_row_scale(logits, 0.9)
+    assert_close_to_truth(lp, truth_lp, eager_lp if eager else None, ulps=ULPS_VALUE, scale=scale,
+                          dtype=lp.dtype, what="logps")
+    assert_close_to_truth(h, truth_h, eager_h if eager else None, ulps=ULPS_VALUE, scale=scale, dtype=h.dtype,
+                          what="entropy")
+    # The GEMMs of the chunked path sum over V and N in another order than eager's (fp32: 32 ulps,
+    # the budget of tests/test_triton_linear.py).
+    ulps = {**ULPS_GRAD, torch.float32: 32}
+    for got, want, eager_grad, name in zip(grads, truth_g, eager_g, ("dhidden", "dweight", "dbias")):
+        assert_close_to_truth(got, want, eager_grad if eager else None, ulps=ulps, floor=0.0, dtype=dtype, what=name)
+
+
+@pytest.mark.parametrize("backend", fused_backends("grpo_loss"))
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_fused_loss_drops_outside_support_tokens(backend, path):
+    """The GRPO loss under top-k / top-p: an outside-support token leaves the loss and is counted, a
+    masked row holding NaN logits is not read; loss, metrics and gradients equal the reference's."""
+    B, T, V, H = 2, 4, 30, 8
+    kw = dict(top_k=6, top_p=0.95)
+    g = torch.Generator().manual_seed(37)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    logits = R.linear_logits(hidden, weight)
+    assert _clear_of_boundaries(logits.view(-1, V), SamplingRule(**kw), margin=MARGIN)
+    top = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    ids = top[..., 0].clone()
+    ids[0, 1] = top[0, 1, -1]  # outside top-k
+    ids[1, 2] = top[1, 2, 3]
+    ids[1, 3] = top[1, 3, -2]  # outside, but masked out: not counted
+    mask = torch.ones(B, T)
+    mask[1, 3] = 0
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 - 1.0
+    ref = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 - 1.0
+    cfg = gf.GRPOConfig(loss_type="dapo", beta=0.1, entropy_coef=0.01, compute_entropy=True, **kw)
+    outs, grads = [], []
+    for name in ("reference", backend):
+        if path == "logits":
+            x = logits.clone()
+            x[1, 3] = float("nan")  # masked position: never reaches the loss, a metric or a gradient
+            x.requires_grad_()
+            out = gf.grpo_loss(x, ids, adv, mask, old, ref, config=cfg, backend=name)
+            inputs = (x,)
+        else:
+            inputs = (hidden.clone().requires_grad_(), weight.clone().requires_grad_())
+            out = gf.linear_grpo_loss(*inputs, ids, adv, mask, old, ref, config=cfg, backend=name)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.loss, inputs))
+    want, got = outs
+    assert float(got.metrics["sampling/outside_support"]) == pytest.approx(1 / 7)
+    assert_close_to_truth(got.loss, want.loss, ulps=ULPS_LOSS, what="loss")
+    for name in want.metrics:
+        assert_close_to_truth(got.metrics[name], want.metrics[name], ulps=ULPS_LOSS, what=name)
+    assert torch.equal(torch.isneginf(got.logps), torch.isneginf(want.logps))
+    for got_grad, want_grad in zip(*grads):
+        assert bool(torch.isfinite(got_grad).all())
+        assert_close_to_truth(got_grad, want_grad, ulps=ULPS_GRAD, floor=0.0, what="gradient")
+    if path == "logits":
+        assert bool((grads[1][0][1, 3] == 0).all())
+
+
+# The C++ search (csrc/sampling_support.h) settles the usual rule from its streamed candidates
+# (kStreamKeep = 256 best survivors) and falls back to a bounded search (ladder, histograms,
+# gathers, tie sweeps) beyond them: rows of a few thousand tokens reach every branch. Triton's
+# interpreter spends ~0.3 s a row on its own search (tests/test_triton_sampling_support.py covers it
+# at its sizes), so these rows run on the C++ backend only.
+CPP_SEARCH_CASES = {
+    # the seeded stream settles both stages (LLM-like rows: a few boosted tokens)
+    "stream": ("peaked", dict(top_k=50, top_p=0.9)),
+    "stream top-p": ("peaked", dict(top_p=0.95, min_p=0.001)),
+    # top-k above the seed's guaranteed count: the stream starts from every survivor and compacts
+    "stream compacting": ("flat", dict(top_k=200)),
+    # a top-p set of ~1000 tokens: the mass ladder, 256-bucket histograms, a gather
+    "fallback top-p": ("flat", dict(top_p=0.9)),
+    # top-k beyond the stream: the count ladder
+    "fallback top-k": ("flat", dict(top_k=400, top_p=0.99)),
+    # ~1700 tokens tied at each of 3 values: one tied value larger than the scratch is split
+    # arithmetically and its first dropped id found by a sweep; or kept whole
+    "tied value, exact": ("ties", dict(top_k=300)),
+    "tied value, all": ("ties", dict(top_k=300, top_k_ties="all")),
+    "tied value, top-p": ("ties", dict(top_p=0.5)),
+    "tied value, min-p": ("ties", dict(min_p=0.2, top_p=0.8)),
+}
+
+
+# Thousands of kept tokens put top-p's preceding masses ~1e-4 apart: these rows keep 2e-5 from every
+# threshold (the fp32 sums measured at most 1.5e-6 away from float64 ones).
+SEARCH_MARGIN = 2e-5
+
+
+def _search_rows(kind, V, dtype, seed, rule):
+    def make(g):
+        if kind == "ties":
+            return torch.randint(0, 3, (2, V), generator=g).to(dtype)
+        x = torch.randn(2, V, generator=g) * (0.5 if kind == "flat" else 2.0)
+        if kind == "peaked":
+            x.scatter_add_(1, torch.randint(0, V, (2, 8), generator=g), torch.rand(2, 8, generator=g) * 8 + 4)
+        return x.to(dtype)
+    return _drawn(make, rule, 1.0, seed, margin=SEARCH_MARGIN)
+
+
+@pytest.mark.parametrize("backend", [p for p in fused_backends("selective_log_softmax") if p.values == ("cpp",)])
+@pytest.mark.parametrize("capability", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(CPP_SEARCH_CASES))
+def test_cpp_search_settles_every_branch_like_the_reference(backend, case, dtype, capability, monkeypatch):
+    # Every compiled variant of the row kernels (a cap above this CPU runs what it has); fp64 runs
+    # the scalar search, with no stream seed (its stream compacts).
+    monkeypatch.setenv("GRPO_FUSED_CPU_CAPABILITY", capability)
+    kind, kw = CPP_SEARCH_CASES[case]
+    rule = SamplingRule(**kw)
+    x = _search_rows(kind, 5000 if kind == "ties" else 3000, dtype, seed=len(case), rule=rule)
+    assert _clear_of_boundaries(x.double(), rule, margin=SEARCH_MARGIN)
+    rows, ids = _boundary_rows(x, rule, 1.0)
+    _check_vocab_pass(backend, rows, ids, 1.0, kw)

@@ -463,7 +463,7 @@ def test_sampling_support_replays_transformers_sampler(model_dir, tmp_path):
         # One iteration per generation: every step scores tokens of the policy that sampled them.
         args=_args(tmp_path, loss_type="grpo", beta=0.04, top_k=3, top_p=0.9, max_steps=2, num_iterations=1),
         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=build_char_tokenizer("abc="),
-        fused_backend="reference", fused_sampling_support=True,
+        fused_backend=FUSED_BACKEND, fused_sampling_support=True,
     )
     assert trainer._grpo_fused.sampling == gf.SamplingRule(top_k=3, top_p=0.9, top_k_ties="all")
     trainer.train()
