@@ -25,11 +25,12 @@ gradient itself, and is deterministic.
 
 Sampling support (``Chunked.forward_on_support``): a chunk's logits are whole rows, so the cutoff
 search runs on each chunk before its row pass, and the cutoff ``(N,)`` is kept for backward. The
-weight pass tests a vocab slice's columns against it (``tie_end`` shifted like the ids). Both
-backward passes recompute logits, the weight pass with GEMMs of another shape than forward's: the
-support they find is forward's exactly when those GEMMs round each logit as forward's did (as the
-CPU BLAS of the tests does); where cuBLAS rounds a logit lying exactly at the cutoff differently,
-that one column can fall on the other side in ``dweight``.
+cutoff is a logit value, and the token that sets it lies exactly on it, so the backward must see
+each logit rounded as forward's GEMM rounded it: a GEMM of another shape (the vocab-slice pass) may
+round that logit one ulp lower and drop the token from ``dweight`` alone (seen with fp64 CPU BLAS).
+So under a support the backward has one pass, over forward's token chunks with forward's GEMM
+shapes, and ``dweight`` / ``dbias`` accumulate chunk by chunk (in an fp32 ``(V, H)`` buffer for
+bf16 / fp16 weights: the memory and traffic the vocab pass avoids, paid only on this path).
 
 Transient memory: at most :data:`grpo_fused.kernels.splits.DEFAULT_MAX_CHUNK_BYTES` of logit state (fp32 logits plus, for
 bf16 / fp16 operands, their operand-dtype gradient copy) at any time. The GEMMs are ``torch``
@@ -182,8 +183,12 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
             cutoff=rows_cutoff,
         )
 
-    dhidden = None
-    if need_dhidden:
+    dhidden = dweight = dbias = None
+    if cutoff is not None and (need_dweight or need_dbias):
+        # Forward's logits, bit for bit (module docstring): every gradient from the token chunks.
+        dhidden, dweight, dbias = _token_chunk_grads(hidden, weight, bias, ids, dlogits_of, N, V, H, chunk_size,
+                                                     per_logit, need_dhidden, need_dweight, need_dbias, lse.dtype)
+    if need_dhidden and dhidden is None:
         dhidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device)
         chunk = chunk_size or chunk_rows(N, V, per_logit)
         for start in range(0, N, chunk):
@@ -194,8 +199,7 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
             torch.mm(dlogits, weight, out=dhidden[rows])
             del dlogits
 
-    dweight = dbias = None
-    if need_dweight or need_dbias:
+    if (need_dweight or need_dbias) and dweight is None and dbias is None:
         dweight = torch.empty((V, H), dtype=weight.dtype, device=hidden.device) if need_dweight else None
         dbias = torch.empty(V, dtype=torch.promote_types(bias.dtype, lse.dtype), device=hidden.device) if need_dbias else None
         width = vocab_slice or chunk_rows(V, N, per_logit)
@@ -218,6 +222,31 @@ def linear_chunked_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], i
         None if dweight is None else dweight.to(weight_dtype),
         None if dbias is None else dbias.to(bias.dtype),
     )
+
+
+def _token_chunk_grads(hidden, weight, bias, ids, dlogits_of, N, V, H, chunk_size, per_logit, need_dhidden,
+                       need_dweight, need_dbias, stat_dtype):
+    """``(dhidden, dweight, dbias)`` from one pass over forward's token chunks, ``dweight`` and
+    ``dbias`` accumulated chunk by chunk (fp32 for 16-bit weights); None where not needed."""
+    acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+    dhidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dhidden else None
+    dweight = torch.zeros((V, H), dtype=acc_dtype, device=hidden.device) if need_dweight else None
+    dbias = (torch.zeros(V, dtype=torch.promote_types(bias.dtype, stat_dtype), device=hidden.device)
+             if need_dbias else None)
+    chunk = chunk_size or chunk_rows(N, V, per_logit)
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        logits = _logits(hidden[rows], weight, bias)  # the shape forward's GEMM had
+        dlogits = dlogits_of(logits, rows, ids[rows])
+        del logits
+        if dhidden is not None:
+            torch.mm(dlogits, weight, out=dhidden[rows])
+        if dbias is not None:
+            dbias += dlogits.sum(0, dtype=dbias.dtype)
+        if dweight is not None:
+            dweight.addmm_(dlogits.t().to(acc_dtype), hidden[rows].to(acc_dtype))
+        del dlogits
+    return dhidden, dweight, dbias
 
 
 @dataclasses.dataclass(frozen=True)
