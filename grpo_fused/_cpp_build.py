@@ -14,10 +14,13 @@ extension off on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import importlib
 import logging
 import os
+import sys
 import threading
 from typing import List, Optional
 
@@ -55,28 +58,70 @@ def sources() -> List[str]:
     return sorted(glob.glob(os.path.join(CSRC_DIR, "*.cpp")))
 
 
+def _headers_digest() -> str:
+    """A digest of ``csrc/*.h``. torch's JIT cache is keyed on the ``.cpp`` files and the flags only,
+    so an edited header (the row kernels live in ``row_math.h`` and ``sampling_support.h``) would
+    leave a stale library loaded; the digest travels as an otherwise unused define."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(CSRC_DIR, "*.h"))):
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def _jit_build() -> None:
     from torch.utils import cpp_extension
 
     srcs = sources()
     if not srcs:
         raise RuntimeError(f"no C++ sources found under {CSRC_DIR} (an installed wheel without csrc/)")
-    cflags = compile_flags()
+    cflags = compile_flags() + [f"-DGRPO_FUSED_HEADERS_DIGEST={_headers_digest()}"]
     # torch's cache key covers sources and flags, not the torch version: a library built against
     # another torch in the same cache directory would fail to load, so the version is in the name.
     # One library serves every CPU (run-time dispatch), so the name carries no CPU variant.
     torch_tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
     name = "grpo_fused_cpp_torch" + torch_tag
+    # torch's own place for it (root / py311_cpu / name), named here so the guard below can sit in it.
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build_dir = os.path.join(root, f"py{sys.version_info.major}{sys.version_info.minor}_cpu", name)
+    os.makedirs(build_dir, exist_ok=True)
     _log.info("grpo_fused: building the C++ extension %s (once; cached by torch.utils.cpp_extension)", name)
-    cpp_extension.load(
-        name=name,
-        sources=srcs,
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[CSRC_DIR],
-        is_python_module=False,
-        verbose=os.environ.get("GRPO_FUSED_BUILD_VERBOSE") == "1",
-    )
+    with _build_guard(build_dir):
+        cpp_extension.load(
+            name=name,
+            sources=srcs,
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[CSRC_DIR],
+            build_directory=build_dir,
+            is_python_module=False,
+            verbose=os.environ.get("GRPO_FUSED_BUILD_VERBOSE") == "1",
+        )
+
+
+@contextlib.contextmanager
+def _build_guard(build_dir: str):
+    """One build at a time in ``build_dir``, under a lock the kernel frees when its holder dies.
+
+    torch's own guard is a plain ``lock`` file that a build killed part way (Ctrl-C, a timeout, an
+    out-of-memory kill) leaves behind, and every later process then waits on it forever, without a
+    word. Holding this lock, no other build of ours is under way, so a ``lock`` file still there is
+    such a leftover and is removed before torch looks at it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's guard alone
+        yield
+        return
+    with open(os.path.join(build_dir, "grpo_fused_build.lock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_dir, "lock"))
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def _load() -> None:

@@ -9,6 +9,8 @@ builds it (JIT, cached by torch.utils.cpp_extension).
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -407,6 +409,9 @@ def test_param_slots_and_scale_codes_match_the_cpp_header():
 
     header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "params.h")).read()
     assert int(re.search(r"kSlotInvTemperature = (\d+)", header).group(1)) == semantics.Slot.INV_TEMPERATURE
+    assert int(re.search(r"kSlotTopK = (\d+)", header).group(1)) == semantics.Slot.TOP_K
+    assert int(re.search(r"kSlotTopP = (\d+)", header).group(1)) == semantics.Slot.TOP_P
+    assert int(re.search(r"kSlotLogMinP = (\d+)", header).group(1)) == semantics.Slot.LOG_MIN_P
     assert int(re.search(r"kNumSlots = (\d+)", header).group(1)) == semantics.NUM_SLOTS
     codes = dict(re.findall(r"kScale(\w+) = (\d+)", header))
     assert {name.lower(): int(v) for name, v in codes.items()} == {n: int(s) for n, s in semantics.ADVANTAGE_SCALES.items()}
@@ -509,6 +514,21 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(again.loss, want.loss, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="no compiler"):
         gf.grpo_loss(logits, ids, adv, mask, old, backend="cpp")
+
+
+def test_build_guard_clears_a_killed_builds_lock_and_excludes_other_builds(tmp_path):
+    # A JIT build killed part way leaves torch's plain `lock` file; torch.utils.cpp_extension would
+    # then wait on it forever in every later process. Under the guard it is gone before torch looks.
+    (tmp_path / "lock").write_text("")
+    with _cpp_build._build_guard(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+        # Another process cannot take the guard while this one builds.
+        probe = ("import fcntl, sys\n"
+                 f"f = open({str(tmp_path / 'grpo_fused_build.lock')!r}, 'a')\n"
+                 "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n")
+        assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 3
+    probe_after = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    assert probe_after.returncode == 0  # released on exit
 
 
 def test_torch_compile_fullgraph_through_the_cpp_op():
