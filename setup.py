@@ -65,7 +65,7 @@ setup(
         "triton": ["triton>=3.2"],
         # The suite runs every optional part: TRL parity, the Triton interpreter, the CLI's
         # plots and tables, and the trainer (transformers comes with TRL).
-        "test": ["pytest>=8", "trl==1.16.0", "peft", "triton>=3.2", "matplotlib", "rich", "tqdm"],
+        "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "peft", "triton>=3.2", "matplotlib", "rich", "tqdm"],
         "bench": ["rich", "tqdm", "matplotlib", "pytest-benchmark"],
         "train": ["transformers", "matplotlib", "tqdm"],
         "trl": ["trl>=1.16.0"],

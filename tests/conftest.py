@@ -2,11 +2,18 @@
 
 On a machine without a CUDA GPU the Triton kernels run under Triton's interpreter on CPU
 tensors; the variable must be set before Triton is first imported, hence here.
+
+Nothing here needs the network (the models are built from configs, the tokenizers in memory), and
+the Hugging Face libraries must not reach for it either: their telemetry and hub lookups would
+wait on DNS on a machine without a network. The variables are read at import, hence here too.
 """
 
 import os
 
-import torch
+for _var in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
