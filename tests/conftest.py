@@ -13,6 +13,14 @@ import os
 for _var in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
+import faulthandler  # noqa: E402
+import sys  # noqa: E402
+
+# Collection imports TRL, transformers and verl and builds the C++ extension (fused_backends below):
+# pytest-timeout does not cover it, so a collection that hangs prints every thread's stack and ends
+# the run after 20 minutes instead of stalling it. pytest_collection_finish cancels this.
+faulthandler.dump_traceback_later(20 * 60, exit=True, file=sys.stderr)
+
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -26,6 +34,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def pytest_collection_finish(session):
+    faulthandler.cancel_dump_traceback_later()
 
 
 def has_triton() -> bool:
