@@ -767,6 +767,11 @@ def _loss_checks(features_name, features, batch, config):
         v.check_loss_inputs(features_name, features, batch, config)
     except (TypeError, ValueError) as exc:
         return exc, GRPOConfig()
+    if config.sampling is not None and config.sampling.active:
+        # The cutoff of a top-k / top-p / min-p rule is a property of the whole row, which no rank holds.
+        return NotImplementedError(
+            f"config: sampling support ({config.sampling.describe()}) is not implemented over a vocab-sharded "
+            "lm_head; leave top_k / top_p / min_p unset here, or score the gathered logits with grpo_loss"), GRPOConfig()
     return None, config
 
 

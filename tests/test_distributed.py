@@ -613,6 +613,11 @@ def test_input_errors_name_the_argument():
         gd.vocab_parallel_grpo_loss(logits, ids, torch.randn(3))
     with pytest.raises(ValueError, match="ref_logps is required"):
         gd.vocab_parallel_grpo_loss(logits, ids, adv, config=GRPOConfig(beta=0.1))
+    # A sampling rule is refused, not ignored (its cutoff needs the whole row).
+    with pytest.raises(NotImplementedError, match=r"config: sampling support \(top_p=0.9\)"):
+        gd.vocab_parallel_grpo_loss(logits, ids, adv, config=GRPOConfig(top_p=0.9))
+    with pytest.raises(NotImplementedError, match="top_k=3"):
+        gd.vocab_parallel_linear_grpo_loss(torch.randn(2, 3, 4), torch.randn(10, 4), ids, adv, config=GRPOConfig(top_k=3))
     with pytest.raises(TypeError, match="ids must be an integer"):
         gd.vocab_parallel_selective_log_softmax(logits, ids.float())
     with pytest.raises(ValueError, match="temperature"):
