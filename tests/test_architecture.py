@@ -71,21 +71,27 @@ FLOAT_SCHEDULE = [
 ]
 
 
-@pytest.mark.skipif(_cpp_reason() is not None, reason=f"the C++ extension is not available: {_cpp_reason()}")
-@pytest.mark.parametrize("path", ["logits", "linear"])
-def test_new_float_hyperparameters_compile_once(path):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
+def _step_inputs(path):
+    """``(ids, adv, mask, old, ref, feature, weight)`` of a tiny loss call; ``feature`` is the logits
+    ``(B, T, V)`` or the hidden states ``(B, T, H)`` of ``path``."""
     g = torch.Generator().manual_seed(0)
     B, T, V, H = 2, 5, 33, 8
     ids = torch.randint(0, V, (B, T), generator=g)
     adv = torch.randn(B, generator=g)
     mask = torch.rand(B, T, generator=g) > 0.2
     old = torch.randn(B, T, generator=g) * 0.1 - 3
-    ref = old + 0.1
     feature = torch.randn(B, T, H if path == "linear" else V, generator=g)
     weight = torch.randn(V, H, generator=g) / H**0.5
+    return ids, adv, mask, old, old + 0.1, feature, weight
+
+
+@pytest.mark.skipif(_cpp_reason() is not None, reason=f"the C++ extension is not available: {_cpp_reason()}")
+@pytest.mark.parametrize("path", ["logits", "linear"])
+def test_new_float_hyperparameters_compile_once(path):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    ids, adv, mask, old, ref, feature, weight = _step_inputs(path)
 
     def loss(x, config, backend):
         if path == "linear":
@@ -130,14 +136,8 @@ def test_new_sampling_numbers_compile_once(path):
     from grpo_fused.semantics import LossBatch
 
     torch._dynamo.reset()
-    g = torch.Generator().manual_seed(0)
-    B, T, V, H = 2, 5, 33, 8
-    adv = torch.randn(B, generator=g)
-    mask = torch.rand(B, T, generator=g) > 0.2
-    old = torch.randn(B, T, generator=g) * 0.1 - 3
-    ref = old + 0.1
-    feature = torch.randn(B, T, H if path == "linear" else V, generator=g)
-    weight = torch.randn(V, H, generator=g) / H**0.5
+    _, adv, mask, old, ref, feature, weight = _step_inputs(path)
+    B, T = adv.shape[0], mask.shape[1]
     # ids among each position's top 3, so that most stay inside the support
     logits = feature @ weight.T if path == "linear" else feature
     ranks = (torch.arange(T) % 3).expand(B, T).unsqueeze(-1)
