@@ -29,8 +29,9 @@ cutoff is a logit value, and the token that sets it lies exactly on it, so the b
 each logit rounded as forward's GEMM rounded it: a GEMM of another shape (the vocab-slice pass) may
 round that logit one ulp lower and drop the token from ``dweight`` alone (seen with fp64 CPU BLAS).
 So under a support the backward has one pass, over forward's token chunks with forward's GEMM
-shapes, and ``dweight`` / ``dbias`` accumulate chunk by chunk (in an fp32 ``(V, H)`` buffer for
-bf16 / fp16 weights: the memory and traffic the vocab pass avoids, paid only on this path).
+shapes, and ``dweight`` / ``dbias`` accumulate chunk by chunk (for bf16 / fp16 weights in an fp32
+``(V, H)`` buffer, each chunk's product written fp32 by the tensor-core GEMM and then added: the memory
+and traffic the vocab pass avoids, paid only on this path).
 
 Transient memory: at most :data:`grpo_fused.kernels.splits.DEFAULT_MAX_CHUNK_BYTES` of logit state (fp32 logits plus, for
 bf16 / fp16 operands, their operand-dtype gradient copy) at any time. The GEMMs are ``torch``
@@ -244,7 +245,10 @@ def _token_chunk_grads(hidden, weight, bias, ids, dlogits_of, N, V, H, chunk_siz
         if dbias is not None:
             dbias += dlogits.sum(0, dtype=dbias.dtype)
         if dweight is not None:
-            dweight.addmm_(dlogits.t().to(acc_dtype), hidden[rows].to(acc_dtype))
+            if dlogits.dtype == acc_dtype:
+                dweight.addmm_(dlogits.t(), hidden[rows])
+            else:  # 16-bit operands: the tensor-core GEMM writing fp32, then the add (no fp32 GEMM)
+                dweight += _mm_fp32(dlogits.t(), hidden[rows])
         del dlogits
     return dhidden, dweight, dbias
 
