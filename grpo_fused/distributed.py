@@ -20,7 +20,9 @@ shards and takes one all-reduce of an ``(N, H)`` tensor, as a column-parallel lm
 :func:`vocab_parallel_grpo_loss` and :func:`vocab_parallel_linear_grpo_loss` then apply the
 semantics layer's ``(B, T)`` tail (:func:`grpo_fused.semantics.grpo_output`) to the log-probs:
 same options, same semantics, same :class:`~grpo_fused.semantics.GRPOOutput` as
-:func:`grpo_fused.grpo_loss`. The data-parallel normalizers are derived from the same
+:func:`grpo_fused.grpo_loss`, a sampling rule (``top_k`` / ``top_p`` / ``min_p``) included: the
+ranks find each row's cutoff together by exchanging their best tokens of the row
+(:func:`_sampling_cutoff`). The data-parallel normalizers are derived from the same
 normalizer table (:class:`grpo_fused.semantics.Normalizer`), the shards' statistics are merged
 by the helpers the tiled kernel uses (:mod:`grpo_fused.kernels.splits`), and the inputs are
 checked by :mod:`grpo_fused._validation`, as the public API's are.
@@ -36,14 +38,15 @@ kernel can replace it without touching the communication.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import _validation as v
 from .kernels.splits import chunk_rows, finish_partials, rescale_partials
-from .semantics import GRPOConfig, GRPOOutput, LossBatch, Normalizer, Surrogate, compute_dtype, grpo_output, masked_rows
+from .semantics import (GRPOConfig, GRPOOutput, LossBatch, Normalizer, SamplingRule, Surrogate, compute_dtype,
+                        grpo_output, masked_rows)
 
 Tensor = torch.Tensor
 
@@ -331,7 +334,7 @@ def _local_target(local_ids: Tensor, vocab_shard: int) -> Tuple[Tensor, Tensor]:
 
 
 def shard_vocab_partials(
-    logits_shard: Tensor, local_ids: Tensor, temperature: float, compute_entropy: bool
+    logits_shard: Tensor, local_ids: Tensor, temperature: float, compute_entropy: bool, kept: Optional[Tensor] = None
 ) -> ShardPartials:
     """The vocab pass over one shard.
 
@@ -341,8 +344,12 @@ def shard_vocab_partials(
             in another rank's shard).
         temperature: > 0, divides the logits.
         compute_entropy: also return the entropy partial.
+        kept: ``(n, V_r)`` bool, a sampling support's tokens (the softmax runs over them only; a
+            target outside it gets ``z = -inf``), or None for every token.
     """
     z = _shard_z(logits_shard, temperature)  # (n, V_r)
+    if kept is not None:
+        z = torch.where(kept, z, torch.full_like(z, -torch.inf))
     row_max = z.amax(dim=-1)
     # An all -inf row (masked vocab) would give exp(-inf - -inf) = NaN; shift it by 0 instead.
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -366,14 +373,18 @@ def shard_vocab_grad(
     entropy: Optional[Tensor],
     grad_logps: Optional[Tensor],
     grad_entropy: Optional[Tensor],
+    kept: Optional[Tensor] = None,
 ) -> Tensor:
     """``d loss / d z`` on one shard, from the global ``lse`` (and entropy): no communication.
 
     ``d logp / d z_j = onehot_j - p_j`` and ``d H / d z_j = -p_j (log p_j + H)``, with
     ``p_j = exp(z_j - lse)``. Returns ``(n, V_r)`` in the compute dtype, already divided by
-    the temperature (so it is the gradient of the logits).
+    the temperature (so it is the gradient of the logits). ``kept``: as in
+    :func:`shard_vocab_partials`; a dropped token (the target too) gets exactly 0.
     """
     z = _shard_z(logits_shard, temperature)
+    if kept is not None:
+        z = torch.where(kept, z, torch.full_like(z, -torch.inf))
     log_p = z - lse.unsqueeze(-1)
     p = torch.exp(log_p)
     dz = torch.zeros_like(z)
@@ -381,6 +392,8 @@ def shard_vocab_grad(
         g = grad_logps.to(z.dtype)
         dz = dz - p * g.unsqueeze(-1)
         column, in_shard = _local_target(local_ids, z.shape[-1])
+        if kept is not None:
+            in_shard = in_shard & kept.gather(-1, column.unsqueeze(-1)).squeeze(-1)
         dz.scatter_add_(-1, column.unsqueeze(-1), torch.where(in_shard, g, torch.zeros_like(g)).unsqueeze(-1))
     if grad_entropy is not None:
         term = torch.where(p > 0, p * (log_p + entropy.unsqueeze(-1)), torch.zeros_like(p))
@@ -408,6 +421,122 @@ def _combine_partials(partials: List[ShardPartials], spec: "_ShardSpec") -> Tupl
 
 
 # --------------------------------------------------------------------------------------
+# Vocab parallel: sampling support (the cutoff of a top-k / top-p / min-p rule).
+# --------------------------------------------------------------------------------------
+
+# Tokens each rank sends per row for the cutoff at first; doubled until every row's cutoff is known.
+_FIRST_CANDIDATES = 64
+# Ids of the padding a rank sends once its shard is exhausted: past every real id, unique per slot.
+_PAD_ID = 1 << 40
+
+
+class _Cutoff(NamedTuple):
+    """A sampling support per row in the kernel form of :mod:`grpo_fused.semantics.sampling`:
+    token ``v`` (a global id) is kept when ``z[v] > tau``, or ``z[v] == tau`` and ``v < tie_end``."""
+
+    tau: Tensor  # (n,) compute dtype
+    tie_end: Tensor  # (n,) int64
+
+
+def _kept(z: Tensor, cutoff: _Cutoff, vocab_start: int) -> Tensor:
+    """``(n, V_r)`` bool: the shard's tokens inside the support."""
+    ids = torch.arange(vocab_start, vocab_start + z.shape[-1], device=z.device)
+    tau = cutoff.tau.unsqueeze(-1)
+    return (z > tau) | ((z == tau) & (ids < cutoff.tie_end.unsqueeze(-1)))
+
+
+def _gather_columns(t: Tensor, process_group, world_size: int, rank: int) -> Tensor:
+    """``(n, m)`` per rank -> ``(n, world_size * m)``, rank-major, as one SUM all-reduce (see
+    :func:`_gather_rows`; ``x + 0`` is exact, ``-inf + 0`` too)."""
+    table = torch.zeros((world_size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+    table[rank] = t
+    table = _all_reduce(table, dist.ReduceOp.SUM, process_group, world_size)
+    return table.permute(1, 0, 2).reshape(t.shape[0], -1)
+
+
+def _sampling_cutoff(z: Tensor, spec: _ShardSpec) -> _Cutoff:
+    """The cutoff of ``spec.sampling`` for the rows ``z`` ``(n, V_r)`` (this rank's columns of
+    ``logits / temperature``), identical on every rank.
+
+    The rule is the reference's (:func:`grpo_fused.reference.sampling_support_of`) evaluated on the
+    row's global order (descending ``z``, ties by ascending id). Each rank sends its ``m`` first
+    tokens of that order as ``(z, id)`` pairs and every rank merges them: the merged order is the
+    row's true order up to the earliest of the ranks' last sent tokens (whatever a rank did not send
+    comes after its last one). The stages run on that exact prefix, top-p's total being an
+    all-reduced sum when top-k is off; while some row's support may end past the prefix, every
+    rank asks again with ``2 m``. The ranks take the same decisions from the same gathered numbers,
+    so they run the same collectives. The top-p mass is summed in float64, as the reference does,
+    in another order (a token whose preceding mass lies within rounding of ``p`` may differ).
+    """
+    rule, group, world = spec.sampling, spec.process_group, spec.world_size
+    _, rank = _world(group)
+    n, shard = z.shape
+    device = z.device
+    gmax = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group, world)
+    sizes = [int(s) for s in _gather_rows(torch.tensor([float(shard)], device=device), group, world, rank)[:, 0]]
+    widest = max(sizes)
+    top_k, p, all_ties = rule.top_k or 0, rule.p, rule.top_k_ties == "all"
+    order_z, order_id = torch.sort(z, dim=-1, descending=True, stable=True)
+    order_id = order_id + spec.vocab_start
+    total = None
+    if top_k == 0 and p < 1:
+        # top-p's total: the mass of min-p's survivors over the whole row.
+        survive = ((z - gmax.unsqueeze(-1)) >= rule.log_min_p) | torch.isneginf(gmax).unsqueeze(-1)
+        mass = torch.where(survive, torch.exp(z.double() - gmax.double().unsqueeze(-1)), 0.0).sum(-1)
+        total = _all_reduce(mass, dist.ReduceOp.SUM, group, world)
+    m = min(max(_FIRST_CANDIDATES, top_k + 1), widest)
+    while True:
+        sent_z, sent_id = order_z[:, :m], order_id[:, :m]
+        if shard < m:  # this shard is exhausted: padding after every real token
+            pad = m - shard
+            sent_z = torch.cat([sent_z, sent_z.new_full((n, pad), -torch.inf)], dim=-1)
+            pad_id = _PAD_ID + rank * m + torch.arange(pad, device=device)
+            sent_id = torch.cat([sent_id, pad_id.expand(n, pad)], dim=-1)
+        all_z = _gather_columns(sent_z.contiguous(), group, world, rank)
+        all_id = _gather_columns(sent_id.contiguous(), group, world, rank)
+        # Merge: by id, then stably by descending z.
+        by_id = torch.sort(all_id, dim=-1, stable=True)
+        merged_z = all_z.gather(-1, by_id.indices)
+        by_z = torch.sort(merged_z, dim=-1, descending=True, stable=True)
+        merged_z, merged_id = by_z.values, by_id.values.gather(-1, by_z.indices)
+        length = merged_z.shape[-1]
+        bounded = [r for r in range(world) if sizes[r] > m]  # ranks that hold tokens they did not send
+        if bounded:
+            last_sent = all_id[:, [r * m + m - 1 for r in bounded]]
+            at = (merged_id.unsqueeze(-1) == last_sent.unsqueeze(-2)).to(torch.int8).argmax(-2)
+            prefix = at.min(-1).values + 1
+        else:
+            prefix = torch.full((n,), length, device=device)
+        position = torch.arange(length, device=device)
+        known = position < prefix.unsqueeze(-1)
+        complete = torch.full((n,), not bounded, device=device)  # every token of the row was sent
+        top = merged_z[:, :1]
+        kept = ((merged_z - top) >= rule.log_min_p) | torch.isneginf(top)
+        if top_k:
+            if all_ties:  # every token tied with the k-th; a k-th past the prefix keeps the whole prefix
+                kth = merged_z[:, min(top_k, length) - 1]
+                kth = torch.where(prefix >= top_k, kth, torch.full_like(kth, -torch.inf))
+                kept &= merged_z >= kth.unsqueeze(-1)
+            else:
+                kept &= position < top_k
+        settled = torch.ones(n, dtype=torch.bool, device=device)
+        if p < 1:
+            w = torch.where(kept & known, torch.exp(merged_z.double() - top.double()), 0.0)
+            if total is None:  # top-k on: its kept set must end inside the prefix for the total
+                settled = (~kept & known).any(-1) | complete
+                row_total = w.sum(-1)
+            else:
+                row_total = total
+            kept &= ((torch.cumsum(w, dim=-1) - w) < p * row_total.unsqueeze(-1)) | (position == 0)
+        settled &= (~kept & known).any(-1) | complete
+        if m >= widest or bool(settled.all()):  # the same answer on every rank
+            break
+        m = min(2 * m, widest)
+    last = ((kept & known).sum(-1) - 1).clamp(min=0).unsqueeze(-1)
+    return _Cutoff(merged_z.gather(-1, last).squeeze(-1), merged_id.gather(-1, last).squeeze(-1) + 1)
+
+
+# --------------------------------------------------------------------------------------
 # Vocab parallel: validation agreed on by every rank (one small all-reduce).
 # --------------------------------------------------------------------------------------
 
@@ -423,6 +552,7 @@ class _ShardSpec:
     process_group: object
     world_size: int
     chunk_size: int = 0
+    sampling: Optional[SamplingRule] = None  # active rules only; the chunks then agree across ranks
 
 
 def _agree_on_shards(
@@ -538,19 +668,20 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_shard: Tensor, ids: Tensor, spec: _ShardSpec):
         local_ids = ids.long() - spec.vocab_start
-        partials = [
-            shard_vocab_partials(logits_shard[rows], local_ids[rows], spec.temperature, spec.compute_entropy)
-            for rows in _chunks(logits_shard.shape[0], spec.chunk_size)
-        ]
+        partials, cutoffs = [], []
+        for rows in _chunks(logits_shard.shape[0], spec.chunk_size):
+            kept = _support_of(logits_shard[rows], spec, cutoffs)
+            partials.append(shard_vocab_partials(logits_shard[rows], local_ids[rows], spec.temperature,
+                                                 spec.compute_entropy, kept))
         lse, entropy, target = _combine_partials(partials, spec)
-        ctx.save_for_backward(logits_shard, local_ids, lse, entropy)
+        ctx.save_for_backward(logits_shard, local_ids, lse, entropy, *_joined(cutoffs))
         ctx.spec = spec
         ctx.set_materialize_grads(False)
         return target - lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy):
-        logits_shard, local_ids, lse, entropy = ctx.saved_tensors
+        logits_shard, local_ids, lse, entropy, tau, tie_end = ctx.saved_tensors
         spec = ctx.spec
         if not ctx.needs_input_grad[0] or (grad_logps is None and grad_entropy is None):
             return None, None, None
@@ -561,6 +692,7 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
                 None if entropy is None else entropy[rows],
                 None if grad_logps is None else grad_logps[rows],
                 None if grad_entropy is None else grad_entropy[rows],
+                _saved_support(logits_shard[rows], spec, tau, tie_end, rows),
             )
         return dlogits, None, None
 
@@ -581,13 +713,13 @@ class _VocabParallelLinearLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight_shard: Tensor, bias_shard: Optional[Tensor], ids: Tensor, spec: _ShardSpec):
         local_ids = ids.long() - spec.vocab_start
-        partials = [
-            shard_vocab_partials(_chunk_logits(hidden, weight_shard, bias_shard, rows), local_ids[rows],
-                                 spec.temperature, spec.compute_entropy)
-            for rows in _chunks(hidden.shape[0], spec.chunk_size)
-        ]
+        partials, cutoffs = [], []
+        for rows in _chunks(hidden.shape[0], spec.chunk_size):
+            logits = _chunk_logits(hidden, weight_shard, bias_shard, rows)
+            kept = _support_of(logits, spec, cutoffs)
+            partials.append(shard_vocab_partials(logits, local_ids[rows], spec.temperature, spec.compute_entropy, kept))
         lse, entropy, target = _combine_partials(partials, spec)
-        ctx.save_for_backward(hidden, weight_shard, bias_shard, local_ids, lse, entropy)
+        ctx.save_for_backward(hidden, weight_shard, bias_shard, local_ids, lse, entropy, *_joined(cutoffs))
         ctx.spec = spec
         ctx.inputs = _LinearInputs(hidden.dtype, weight_shard.dtype)
         ctx.set_materialize_grads(False)
@@ -595,7 +727,7 @@ class _VocabParallelLinearLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy):
-        hidden, weight_shard, bias_shard, local_ids, lse, entropy = ctx.saved_tensors
+        hidden, weight_shard, bias_shard, local_ids, lse, entropy, tau, tie_end = ctx.saved_tensors
         spec = ctx.spec
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if grad_logps is None and grad_entropy is None:
@@ -612,6 +744,7 @@ class _VocabParallelLinearLogSoftmax(torch.autograd.Function):
                 None if entropy is None else entropy[rows],
                 None if grad_logps is None else grad_logps[rows],
                 None if grad_entropy is None else grad_entropy[rows],
+                _saved_support(logits, spec, tau, tie_end, rows),  # the chunk of forward's GEMM shape
             )  # (chunk, V_r)
             if need_hidden:
                 dhidden[rows] = dlogits @ weight
@@ -637,6 +770,31 @@ def _chunks(n: int, chunk_size: int):
     return [slice(start, min(start + step, n)) for start in range(0, n, step)] or [slice(0, 0)]
 
 
+def _support_of(logits: Tensor, spec: _ShardSpec, cutoffs: List[_Cutoff]) -> Optional[Tensor]:
+    """Forward: the chunk's kept tokens under ``spec.sampling`` (its cutoff appended to ``cutoffs``),
+    or None without a rule."""
+    if spec.sampling is None:
+        return None
+    z = _shard_z(logits, spec.temperature)
+    cutoffs.append(_sampling_cutoff(z, spec))
+    return _kept(z, cutoffs[-1], spec.vocab_start)
+
+
+def _joined(cutoffs: List[_Cutoff]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    if not cutoffs:
+        return None, None
+    return torch.cat([c.tau for c in cutoffs]), torch.cat([c.tie_end for c in cutoffs])
+
+
+def _saved_support(logits: Tensor, spec: _ShardSpec, tau: Optional[Tensor], tie_end: Optional[Tensor],
+                   rows: slice) -> Optional[Tensor]:
+    """Backward: the chunk's kept tokens from forward's cutoff (the logits recomputed as forward
+    computed them: same chunks, same GEMM shapes), or None without a rule."""
+    if tau is None:
+        return None
+    return _kept(_shard_z(logits, spec.temperature), _Cutoff(tau[rows], tie_end[rows]), spec.vocab_start)
+
+
 def _chunk_logits(hidden: Tensor, weight_shard: Tensor, bias_shard: Optional[Tensor], rows: slice) -> Tensor:
     """``hidden[rows] @ weight_shard.T + bias_shard`` in the compute dtype, like the reference."""
     cdt = compute_dtype(hidden.dtype)
@@ -656,35 +814,55 @@ def _default_chunk(tokens: int, vocab_shard: int, dtype: torch.dtype, chunk_size
 # --------------------------------------------------------------------------------------
 
 
-def _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size, error=None):
+def _common_chunk(chunk: int, sampling: Optional[SamplingRule], process_group, world_size: int, device) -> int:
+    """The chunk size; under a sampling rule the smallest of the ranks', since each chunk's cutoff
+    is found together (one set of collectives per chunk)."""
+    if sampling is None or world_size == 1:
+        return chunk
+    agreed = _all_reduce(torch.tensor([float(chunk)], device=device), dist.ReduceOp.MIN, process_group, world_size)
+    return int(agreed.item())
+
+
+def _rule(sampling: Optional[SamplingRule]) -> Optional[SamplingRule]:
+    return sampling if sampling is not None and sampling.active else None
+
+
+def _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size, error=None,
+                 sampling: Optional[SamplingRule] = None):
     """Local checks (or the caller's ``error``), the layout agreement, then the sharded vocab pass."""
     error = error or _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start, chunk_size)
+    device = _collective_device(process_group, logits_shard, ids)
     vocab_start = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1], ids=ids,
-        hidden_size=0, device=_collective_device(process_group, logits_shard, ids),
+        hidden_size=0, device=device,
     )
     world_size, _ = _world(process_group)
-    chunk = _default_chunk(ids.numel(), logits_shard.shape[-1], logits_shard.dtype, chunk_size)
+    sampling = _rule(sampling)
+    chunk = _common_chunk(_default_chunk(ids.numel(), logits_shard.shape[-1], logits_shard.dtype, chunk_size),
+                          sampling, process_group, world_size, device)
     spec = _ShardSpec(vocab_start, logits_shard.shape[-1], float(temperature), bool(compute_entropy),
-                      process_group, world_size, chunk)
+                      process_group, world_size, chunk, sampling)
     lead = ids.shape
     logps, entropy = _VocabParallelLogSoftmax.apply(logits_shard.reshape(-1, spec.vocab_shard), ids.reshape(-1), spec)
     return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
 
 
 def _linear_pass(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy, process_group,
-                 chunk_size, error=None):
+                 chunk_size, error=None, sampling: Optional[SamplingRule] = None):
     """:func:`_logits_pass` of the column-parallel lm_head."""
     error = error or _checked(_check_linear_side, hidden, weight_shard, ids, temperature, bias_shard, vocab_start,
                               chunk_size)
+    device = _collective_device(process_group, hidden, ids)
     vocab_start = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0], ids=ids,
-        hidden_size=0 if error else hidden.shape[-1], device=_collective_device(process_group, hidden, ids),
+        hidden_size=0 if error else hidden.shape[-1], device=device,
     )
     world_size, _ = _world(process_group)
-    chunk = _default_chunk(ids.numel(), weight_shard.shape[0], hidden.dtype, chunk_size)
+    sampling = _rule(sampling)
+    chunk = _common_chunk(_default_chunk(ids.numel(), weight_shard.shape[0], hidden.dtype, chunk_size),
+                          sampling, process_group, world_size, device)
     spec = _ShardSpec(vocab_start, weight_shard.shape[0], float(temperature), bool(compute_entropy),
-                      process_group, world_size, chunk)
+                      process_group, world_size, chunk, sampling)
     lead = ids.shape
     logps, entropy = _VocabParallelLinearLogSoftmax.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, ids.reshape(-1), spec
@@ -701,6 +879,10 @@ def vocab_parallel_selective_log_softmax(
     process_group=None,
     *,
     chunk_size: Optional[int] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k_ties: str = "exact",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`grpo_fused.selective_log_softmax` over a vocabulary sharded across ``process_group``.
 
@@ -716,6 +898,8 @@ def vocab_parallel_selective_log_softmax(
             when torch.distributed is not initialized).
         chunk_size: tokens per chunk of the fp32 ``(chunk, V_r)`` temporaries; None picks
             ``2**24 / V_r`` tokens (64 MB each).
+        top_k, top_p, min_p, top_k_ties: the sampler's truncation
+            (:class:`~grpo_fused.semantics.SamplingRule`), as in :func:`grpo_fused.selective_log_softmax`.
 
     Returns:
         ``(logps, entropy)``, ``(...)`` in fp32 (fp64 for fp64 logits), identical on every rank;
@@ -723,9 +907,21 @@ def vocab_parallel_selective_log_softmax(
         ``d logits_shard`` with no communication.
 
     Costs one small all-reduce (layout and ids check, with a host sync) plus, per call, a MAX
-    all-reduce of N floats and a SUM all-reduce of 2 (3 with entropy) x N floats.
+    all-reduce of N floats and a SUM all-reduce of 2 (3 with entropy) x N floats. A sampling rule
+    adds, per token chunk, the exchange of each rank's best ``m`` tokens of each row (``m`` from 64,
+    or ``top_k + 1``, doubled while some row needs more) and a few small all-reduces.
     """
-    return _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size)
+    error, sampling = _sampling_rule(top_k, top_p, min_p, top_k_ties)
+    return _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, process_group, chunk_size,
+                        error, sampling)
+
+
+def _sampling_rule(top_k, top_p, min_p, top_k_ties) -> Tuple[Optional[Exception], Optional[SamplingRule]]:
+    """``(error or None, rule or None)``; the error is raised after the layout exchange, on every rank."""
+    try:
+        return None, SamplingRule(top_k=top_k, top_p=top_p, min_p=min_p, top_k_ties=top_k_ties)
+    except (TypeError, ValueError) as exc:
+        return exc, None
 
 
 def vocab_parallel_linear_log_softmax(
@@ -739,6 +935,10 @@ def vocab_parallel_linear_log_softmax(
     process_group=None,
     *,
     chunk_size: Optional[int] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k_ties: str = "exact",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`vocab_parallel_selective_log_softmax` of ``hidden @ weight_shard.T + bias_shard``.
 
@@ -749,14 +949,16 @@ def vocab_parallel_linear_log_softmax(
             :func:`vocab_parallel_selective_log_softmax`.
         chunk_size: tokens per chunk of the transient ``(chunk, V_r)`` fp32 logits; None picks
             ``2**24 / V_r`` tokens (64 MB).
+        top_k, top_p, min_p, top_k_ties: as in :func:`vocab_parallel_selective_log_softmax`.
 
     Returns:
         ``(logps, entropy)`` as :func:`vocab_parallel_selective_log_softmax`. Backward writes this
         rank's ``dweight_shard`` / ``dbias_shard`` with no communication and all-reduces
         ``dhidden`` ``(N, H)`` once (every rank gets the full gradient).
     """
+    error, sampling = _sampling_rule(top_k, top_p, min_p, top_k_ties)
     return _linear_pass(hidden, weight_shard, ids, vocab_start, temperature, bias_shard, compute_entropy,
-                        process_group, chunk_size)
+                        process_group, chunk_size, error, sampling)
 
 
 def _loss_checks(features_name, features, batch, config):
@@ -767,11 +969,6 @@ def _loss_checks(features_name, features, batch, config):
         v.check_loss_inputs(features_name, features, batch, config)
     except (TypeError, ValueError) as exc:
         return exc, GRPOConfig()
-    if config.sampling is not None and config.sampling.active:
-        # The cutoff of a top-k / top-p / min-p rule is a property of the whole row, which no rank holds.
-        return NotImplementedError(
-            f"config: sampling support ({config.sampling.describe()}) is not implemented over a vocab-sharded "
-            "lm_head; leave top_k / top_p / min_p unset here, or score the gathered logits with grpo_loss"), GRPOConfig()
     return None, config
 
 
@@ -809,7 +1006,7 @@ def vocab_parallel_grpo_loss(
                       num_items_in_batch, global_batch_size)
     error, config = _loss_checks("logits_shard", logits_shard, batch, config)
     logps, entropy = _logits_pass(logits_shard, completion_ids, vocab_start, config.temperature, config.compute_entropy,
-                                  process_group, chunk_size, error)
+                                  process_group, chunk_size, error, config.sampling)
     return _tail(logps, entropy, logits_shard.dtype, batch, config)
 
 
@@ -849,7 +1046,7 @@ def vocab_parallel_linear_grpo_loss(
     if error is None:
         hidden = masked_rows(hidden, completion_mask)  # a NaN hidden row at padding must not reach dweight
     logps, entropy = _linear_pass(hidden, weight_shard, completion_ids, vocab_start, config.temperature, bias_shard,
-                                  config.compute_entropy, process_group, chunk_size, error)
+                                  config.compute_entropy, process_group, chunk_size, error, config.sampling)
     return _tail(logps, entropy, hidden.dtype, batch, config)
 
 

@@ -288,6 +288,44 @@ def case_vp_selective_log_softmax_gradients(rank, world, group):
                           scale=logit_row_scale(full), what="logps without entropy")
 
 
+# ---------------------------------------------------------------- vocab parallel: sampling support
+# The support is found across the shards (candidates exchanged, doubled until every row's cutoff is
+# known); the truth is the reference's dense support on the full row.
+
+
+@case
+def case_vp_sampling_every_stage_skewed(rank, world, group):
+    cfg = GRPOConfig(loss_type="dapo", beta=0.04, temperature=0.8, top_k=40, top_p=0.9, min_p=0.02)
+    _check_logits_loss(rank, world, group, cfg, layout="skewed", chunk_size=3)
+
+
+@case
+def case_vp_sampling_top_p_alone_needs_more_candidates(rank, world, group):
+    # Flat rows (0.3 x N(0, 4)): top-p 0.95 keeps well over the 64 tokens a rank sends first.
+    cfg = GRPOConfig(loss_type="grpo", beta=0.02, temperature=7.0, top_p=0.95, compute_entropy=True)
+    _check_logits_loss(rank, world, group, cfg, chunk_size=6, seed=3)
+
+
+@case
+def case_vp_sampling_bf16_ties_both_rules(rank, world, group):
+    # bf16 logits: many exact ties, broken by id across shard boundaries.
+    for ties in ("exact", "all"):
+        cfg = GRPOConfig(loss_type="bnpo", top_k=25, top_p=0.97, top_k_ties=ties)
+        _check_logits_loss(rank, world, group, cfg, dtype=torch.bfloat16, chunk_size=7, seed=5)
+
+
+@case
+def case_vp_sampling_masked_vocab(rank, world, group):
+    cfg = GRPOConfig(loss_type="dapo", top_k=60, min_p=0.001)
+    _check_logits_loss(rank, world, group, cfg, layout="skewed", extreme=True)
+
+
+@case
+def case_vp_linear_sampling(rank, world, group):
+    cfg = GRPOConfig(loss_type="dapo", beta=0.04, temperature=0.9, top_k=30, top_p=0.95, entropy_coef=0.01)
+    _check_linear_loss(rank, world, group, cfg, layout="skewed", chunk_size=4, advantage_shape="BT")
+
+
 # ---------------------------------------------------------------- vocab parallel: linear path
 
 
@@ -582,6 +620,29 @@ def test_single_process_matches_reference():
     cfg = GRPOConfig(loss_type="dapo", beta=0.04, temperature=0.7)
     _check_logits_loss(0, 1, None, cfg, with_is=True)
     _check_linear_loss(0, 1, None, cfg.replace(loss_type="grpo", importance_sampling_level="sequence"), chunk_size=4)
+    # Sampling support on one process: the whole row is one shard.
+    _check_logits_loss(0, 1, None, cfg.replace(top_k=40, top_p=0.9, min_p=0.02), chunk_size=3)
+    _check_linear_loss(0, 1, None, cfg.replace(top_p=0.9), chunk_size=4)
+
+
+@pytest.mark.parametrize("first_candidates", [1, 3, 64])
+def test_sampling_cutoff_is_the_reference_support(monkeypatch, first_candidates):
+    # One process, so the candidate exchange is the identity; few first candidates make every row
+    # go through the doubling (a prefix shorter than the support must never settle a row).
+    from grpo_fused.semantics import SamplingRule
+
+    monkeypatch.setattr(gd, "_FIRST_CANDIDATES", first_candidates)
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(6, 300, generator=g, dtype=torch.float64) * torch.tensor([0.2, 1, 3, 6, 1, 1]).unsqueeze(-1)
+    z[4] = torch.round(z[4])  # ties
+    z[5, 100:] = -torch.inf
+    rules = [SamplingRule(top_p=0.95), SamplingRule(top_k=7), SamplingRule(top_k=5, top_k_ties="all"),
+             SamplingRule(min_p=0.05), SamplingRule(top_k=250, top_p=0.9, min_p=0.001),
+             SamplingRule(top_k=3, top_p=0.5, top_k_ties="all")]
+    for rule in rules:
+        spec = gd._ShardSpec(0, z.shape[-1], 1.0, False, None, 1, z.shape[0], rule)
+        kept = gd._kept(z, gd._sampling_cutoff(z, spec), 0)
+        assert torch.equal(kept, reference.sampling_support(z, rule)), rule.describe()
 
 
 def test_single_process_dp_normalizers_are_identity():
@@ -613,11 +674,6 @@ def test_input_errors_name_the_argument():
         gd.vocab_parallel_grpo_loss(logits, ids, torch.randn(3))
     with pytest.raises(ValueError, match="ref_logps is required"):
         gd.vocab_parallel_grpo_loss(logits, ids, adv, config=GRPOConfig(beta=0.1))
-    # A sampling rule is refused, not ignored (its cutoff needs the whole row).
-    with pytest.raises(NotImplementedError, match=r"config: sampling support \(top_p=0.9\)"):
-        gd.vocab_parallel_grpo_loss(logits, ids, adv, config=GRPOConfig(top_p=0.9))
-    with pytest.raises(NotImplementedError, match="top_k=3"):
-        gd.vocab_parallel_linear_grpo_loss(torch.randn(2, 3, 4), torch.randn(10, 4), ids, adv, config=GRPOConfig(top_k=3))
     with pytest.raises(TypeError, match="ids must be an integer"):
         gd.vocab_parallel_selective_log_softmax(logits, ids.float())
     with pytest.raises(ValueError, match="temperature"):

@@ -67,8 +67,8 @@ follows verl's torch-backend module. :func:`kl_penalty` follows verl's ``kl_pena
 vLLM sampled them with, read from the worker's ``rollout`` config (``top_k``, ``top_p``, ``min_p``
 when present; ``do_sample=False`` is top-k 1), so the ratio against vLLM's processed rollout
 log-probs compares like with like; the reference's pass (``compute_ref_log_prob``) keeps the full
-softmax. :func:`sampling_support` applies a rule to the fused log-prob calls of a block by hand.
-A vocab-parallel lm_head (``dist_process_group``) has no sampling support yet: it raises.
+softmax. :func:`sampling_support` applies a rule to the fused log-prob calls of a block by hand,
+a vocab-parallel lm_head (``dist_process_group``) included.
 """
 
 from __future__ import annotations
@@ -1110,21 +1110,18 @@ def linear_cross_entropy(
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     hidden_2d, labels_1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     rule = _SAMPLING.get()
+    sampling = {} if rule is None else dict(top_k=rule.top_k, top_p=rule.top_p, min_p=rule.min_p,
+                                            top_k_ties=rule.top_k_ties)
     if dist_process_group is None:
-        sampling = {} if rule is None else dict(top_k=rule.top_k, top_p=rule.top_p, min_p=rule.min_p,
-                                                top_k_ties=rule.top_k_ties)
         logprobs, entropy = api.linear_log_softmax(hidden_2d, weight, labels_1d, float(temperature),
                                                    compute_entropy=True, strategy=strategy, backend=backend, **sampling)
-    elif rule is not None:
-        raise NotImplementedError(f"sampling support ({rule.describe()}) over a vocab-parallel lm_head "
-                                  "(dist_process_group) is not implemented")
     else:
         from ..distributed import vocab_parallel_linear_log_softmax
 
         world_size = torch.distributed.get_world_size(dist_process_group)
         logprobs, entropy = vocab_parallel_linear_log_softmax(
             _ScaleGrad.apply(hidden_2d, 1.0 / world_size), weight, labels_1d, temperature=float(temperature),
-            compute_entropy=True, process_group=dist_process_group)
+            compute_entropy=True, process_group=dist_process_group, **sampling)
     if reduction == "sum":
         logprobs = logprobs.sum()
     elif reduction == "mean":
