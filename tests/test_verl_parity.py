@@ -474,10 +474,3 @@ def test_policy_passes_replay_the_rollout_rule_and_the_reference_pass_does_not()
     torch.testing.assert_close(full, reference.selective_log_softmax(logits, labels.reshape(-1), 0.8)[0],
                                rtol=0, atol=1e-12)
     assert policy_pass.__name__ == "compute_log_prob"
-
-
-def test_sampling_support_over_a_vocab_parallel_head_raises():
-    with gf_verl.sampling_support(gf_verl.SamplingRule(top_p=0.9)):
-        with pytest.raises(NotImplementedError, match="vocab-parallel"):
-            gf_verl.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
-                                         dist_process_group=object())
