@@ -459,10 +459,10 @@ def _sampling_cutoff(z: Tensor, spec: _ShardSpec) -> _Cutoff:
     ``logits / temperature``), identical on every rank.
 
     The rule is the reference's (:func:`grpo_fused.reference.sampling_support_of`) evaluated on the
-    row's global order (descending ``z``, ties by ascending id). Each rank sends its ``m`` first
-    tokens of that order as ``(z, id)`` pairs and every rank merges them: the merged order is the
-    row's true order up to the earliest of the ranks' last sent tokens (whatever a rank did not send
-    comes after its last one). The stages run on that exact prefix, top-p's total being an
+    row's global order (descending ``z``, ties by ascending id). Each rank sends its ``m`` largest
+    ``z`` (``topk``, no sort of the shard) as ``(z, id)`` pairs and every rank merges them: the merged
+    order is the row's true order over the tokens above the largest of the ranks' last sent ``z``
+    (whatever a rank did not send is at most its last one). The stages run on that exact prefix, top-p's total being an
     all-reduced sum when top-k is off; while some row's support may end past the prefix, every
     rank asks again with ``2 m``. The ranks take the same decisions from the same gathered numbers,
     so they run the same collectives. The top-p mass is summed in float64, as the reference does,
@@ -476,8 +476,6 @@ def _sampling_cutoff(z: Tensor, spec: _ShardSpec) -> _Cutoff:
     sizes = [int(s) for s in _gather_rows(torch.tensor([float(shard)], device=device), group, world, rank)[:, 0]]
     widest = max(sizes)
     top_k, p, all_ties = rule.top_k or 0, rule.p, rule.top_k_ties == "all"
-    order_z, order_id = torch.sort(z, dim=-1, descending=True, stable=True)
-    order_id = order_id + spec.vocab_start
     total = None
     if top_k == 0 and p < 1:
         # top-p's total: the mass of min-p's survivors over the whole row.
@@ -486,7 +484,8 @@ def _sampling_cutoff(z: Tensor, spec: _ShardSpec) -> _Cutoff:
         total = _all_reduce(mass, dist.ReduceOp.SUM, group, world)
     m = min(max(_FIRST_CANDIDATES, top_k + 1), widest)
     while True:
-        sent_z, sent_id = order_z[:, :m], order_id[:, :m]
+        sent_z, sent_id = torch.topk(z, min(m, shard), dim=-1)  # descending; ties in any order
+        sent_id = sent_id + spec.vocab_start
         if shard < m:  # this shard is exhausted: padding after every real token
             pad = m - shard
             sent_z = torch.cat([sent_z, sent_z.new_full((n, pad), -torch.inf)], dim=-1)
@@ -502,9 +501,10 @@ def _sampling_cutoff(z: Tensor, spec: _ShardSpec) -> _Cutoff:
         length = merged_z.shape[-1]
         bounded = [r for r in range(world) if sizes[r] > m]  # ranks that hold tokens they did not send
         if bounded:
-            last_sent = all_id[:, [r * m + m - 1 for r in bounded]]
-            at = (merged_id.unsqueeze(-1) == last_sent.unsqueeze(-2)).to(torch.int8).argmax(-2)
-            prefix = at.min(-1).values + 1
+            # A token rank r did not send has z <= its last sent z (a tie of it may have a lower id):
+            # the order is exact over the tokens above every such bound.
+            bound = all_z[:, [r * m + m - 1 for r in bounded]].amax(-1)
+            prefix = (merged_z > bound.unsqueeze(-1)).sum(-1)
         else:
             prefix = torch.full((n,), length, device=device)
         position = torch.arange(length, device=device)
