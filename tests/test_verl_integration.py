@@ -274,26 +274,23 @@ def _vocab_parallel_worker(rank, init_file, out_dir):
             dh, dw = torch.autograd.grad((c1 * logprobs + c2 * entropy).sum(), (h, w))
             return logprobs, entropy, dh, dw
 
-        full = run(hidden, weight, None)
-        shard = run(hidden, weight[rows].contiguous(), dist.group.WORLD)
-        torch.testing.assert_close(shard[0], full[0], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(shard[1], full[1], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(shard[3], full[3][rows], rtol=1e-12, atol=1e-12)
-        # verl's contract: each rank's dhidden is a part; the group's sum is the full gradient.
-        summed = shard[2].clone()
-        dist.all_reduce(summed)
-        torch.testing.assert_close(summed, full[2], rtol=1e-12, atol=1e-12)
-        # Under the sampler's truncation too (the rollout's rule), across the two shards.
-        with gf_verl.sampling_support(gf.SamplingRule(top_k=6, top_p=0.9)):
+        def sharded_equals_full():
             full = run(hidden, weight, None)
             shard = run(hidden, weight[rows].contiguous(), dist.group.WORLD)
-        assert torch.isneginf(full[0]).any() and torch.isfinite(full[0]).any()  # some labels fall outside
-        torch.testing.assert_close(shard[0], full[0], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(shard[1], full[1], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(shard[3], full[3][rows], rtol=1e-12, atol=1e-12)
-        summed = shard[2].clone()
-        dist.all_reduce(summed)
-        torch.testing.assert_close(summed, full[2], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(shard[0], full[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(shard[1], full[1], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(shard[3], full[3][rows], rtol=1e-12, atol=1e-12)
+            # verl's contract: each rank's dhidden is a part; the group's sum is the full gradient.
+            summed = shard[2].clone()
+            dist.all_reduce(summed)
+            torch.testing.assert_close(summed, full[2], rtol=1e-12, atol=1e-12)
+            return full[0]
+
+        sharded_equals_full()
+        # Under the sampler's truncation too (the rollout's rule), across the two shards.
+        with gf_verl.sampling_support(gf.SamplingRule(top_k=6, top_p=0.9)):
+            logprobs = sharded_equals_full()
+        assert torch.isneginf(logprobs).any() and torch.isfinite(logprobs).any()  # some labels fall outside
     except Exception as exc:  # reported by the test
         error = repr(exc)
     finally:
