@@ -473,7 +473,7 @@ def _sampling_cutoff(z: Tensor, spec: _ShardSpec) -> _Cutoff:
     n, shard = z.shape
     device = z.device
     gmax = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group, world)
-    sizes = [int(s) for s in _gather_rows(torch.tensor([float(shard)], device=device), group, world, rank)[:, 0]]
+    sizes = spec.shard_sizes
     widest = max(sizes)
     top_k, p, all_ties = rule.top_k or 0, rule.p, rule.top_k_ties == "all"
     total = None
@@ -553,6 +553,7 @@ class _ShardSpec:
     world_size: int
     chunk_size: int = 0
     sampling: Optional[SamplingRule] = None  # active rules only; the chunks then agree across ranks
+    shard_sizes: Tuple[int, ...] = ()  # every rank's V_r, from the layout agreement
 
 
 def _agree_on_shards(
@@ -564,10 +565,10 @@ def _agree_on_shards(
     ids: Optional[Tensor],
     hidden_size: int,
     device,
-) -> int:
+) -> Tuple[int, Tuple[int, ...]]:
     """Share each rank's layout in one all-reduce; every rank raises the same way or none does.
 
-    Returns this rank's ``vocab_start``. A rank whose local checks failed
+    Returns this rank's ``vocab_start`` and every rank's ``V_r``. A rank whose local checks failed
     raises its own error; the others raise a ValueError naming it (instead of waiting on a
     collective it will never join). Checks: ``vocab_start`` given on all ranks or none, the
     shards tile ``[0, V)`` without gap or overlap, the same tokens and ``H`` on every rank,
@@ -620,7 +621,7 @@ def _agree_on_shards(
         lo, hi = int(table[0][5]), int(table[0][6])
         if v.CHECK_IDS and (lo < 0 or hi >= vocab_size):
             raise ValueError(f"ids must lie in [0, {vocab_size}) (the vocab size over all shards), found {lo if lo < 0 else hi}")
-    return starts[rank]
+    return starts[rank], tuple(sizes)
 
 
 def _check_vocab_start(vocab_start):
@@ -832,7 +833,7 @@ def _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, p
     """Local checks (or the caller's ``error``), the layout agreement, then the sharded vocab pass."""
     error = error or _checked(_check_logits_side, logits_shard, ids, temperature, vocab_start, chunk_size)
     device = _collective_device(process_group, logits_shard, ids)
-    vocab_start = _agree_on_shards(
+    vocab_start, sizes = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else logits_shard.shape[-1], ids=ids,
         hidden_size=0, device=device,
     )
@@ -841,7 +842,7 @@ def _logits_pass(logits_shard, ids, vocab_start, temperature, compute_entropy, p
     chunk = _common_chunk(_default_chunk(ids.numel(), logits_shard.shape[-1], logits_shard.dtype, chunk_size),
                           sampling, process_group, world_size, device)
     spec = _ShardSpec(vocab_start, logits_shard.shape[-1], float(temperature), bool(compute_entropy),
-                      process_group, world_size, chunk, sampling)
+                      process_group, world_size, chunk, sampling, sizes)
     lead = ids.shape
     logps, entropy = _VocabParallelLogSoftmax.apply(logits_shard.reshape(-1, spec.vocab_shard), ids.reshape(-1), spec)
     return logps.reshape(lead), None if entropy is None else entropy.reshape(lead)
@@ -853,7 +854,7 @@ def _linear_pass(hidden, weight_shard, ids, vocab_start, temperature, bias_shard
     error = error or _checked(_check_linear_side, hidden, weight_shard, ids, temperature, bias_shard, vocab_start,
                               chunk_size)
     device = _collective_device(process_group, hidden, ids)
-    vocab_start = _agree_on_shards(
+    vocab_start, sizes = _agree_on_shards(
         error, process_group, vocab_start=vocab_start, vocab_shard=0 if error else weight_shard.shape[0], ids=ids,
         hidden_size=0 if error else hidden.shape[-1], device=device,
     )
@@ -862,7 +863,7 @@ def _linear_pass(hidden, weight_shard, ids, vocab_start, temperature, bias_shard
     chunk = _common_chunk(_default_chunk(ids.numel(), weight_shard.shape[0], hidden.dtype, chunk_size),
                           sampling, process_group, world_size, device)
     spec = _ShardSpec(vocab_start, weight_shard.shape[0], float(temperature), bool(compute_entropy),
-                      process_group, world_size, chunk, sampling)
+                      process_group, world_size, chunk, sampling, sizes)
     lead = ids.shape
     logps, entropy = _VocabParallelLinearLogSoftmax.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, ids.reshape(-1), spec

@@ -640,7 +640,7 @@ def test_sampling_cutoff_is_the_reference_support(monkeypatch, first_candidates)
              SamplingRule(min_p=0.05), SamplingRule(top_k=250, top_p=0.9, min_p=0.001),
              SamplingRule(top_k=3, top_p=0.5, top_k_ties="all")]
     for rule in rules:
-        spec = gd._ShardSpec(0, z.shape[-1], 1.0, False, None, 1, z.shape[0], rule)
+        spec = gd._ShardSpec(0, z.shape[-1], 1.0, False, None, 1, z.shape[0], rule, (z.shape[-1],))
         kept = gd._kept(z, gd._sampling_cutoff(z, spec), 0)
         assert torch.equal(kept, reference.sampling_support(z, rule)), rule.describe()
 
